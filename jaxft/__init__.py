@@ -1,0 +1,16 @@
+"""jaxft: fine-tune pretrained transformer encoders with JAX.
+
+Where things live:
+  config.py      every config key, its default and its checks
+  data/          reading files, labels, tokenization, deterministic bucketed batches
+  models.py      loading Hugging Face Flax models and tokenizers, heads, parameter counts
+  optim.py       the optax chain: schedule, AdamW, weight-decay mask, clipping
+  step.py        the pure train_step / eval_step
+  parallel.py    device mesh, shardings, putting host batches on devices
+  checkpoint.py  orbax checkpoints: save, best/latest, restore onto any mesh
+  metrics.py     task metrics and metric writers (metrics.jsonl, TensorBoard)
+  experiment.py  what train and evaluate share: model, data and state for one config
+  train.py evaluate.py   thin absl entry points
+"""
+
+__version__ = "0.1.0"

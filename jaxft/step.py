@@ -1,0 +1,97 @@
+"""The train step and the eval step: pure functions of (state, frozen params, batch).
+
+The state is a plain dict {"step", "params", "opt_state", "rng"}: `params` holds the trainable
+parameters only. Parameters that are not trained (PEFT) live in a separate `frozen` tree that is
+passed as its own argument, so it is never differentiated, never donated and has no optimizer
+state. Full fine-tuning is the case `frozen == {}`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+LogitsFn = Callable[[dict, dict, jax.Array, bool], jax.Array]
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+
+
+def combine(trainable: dict, frozen: dict) -> dict:
+  """The full parameter tree from its trainable and frozen parts."""
+  if not frozen:
+    return trainable
+  flat = traverse_util.flatten_dict(frozen)
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
+
+
+def classification_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """Sum of weighted cross-entropy over the batch, and the weight total (padding rows weigh 0)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+  return jnp.sum(losses * batch["weights"]), jnp.sum(batch["weights"])
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "rng": jax.random.PRNGKey(seed)}
+
+
+def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int):
+  """Returns train_step(state, frozen, batch) -> (state, metrics); jit it with donation.
+
+  With gradient accumulation the global batch is split into `grad_accum_steps` micro-batches that
+  run one after another (lax.scan); summed losses and weights make the result the same as one pass
+  over the whole batch.
+  """
+
+  def summed_loss(params, frozen, micro, rng):
+    logits = logits_fn(combine(params, frozen), micro, rng, True)
+    return classification_loss(logits, micro)
+
+  # Differentiates the trainable `params` only (argument 0); `frozen` is a constant.
+  loss_and_grads = jax.value_and_grad(summed_loss, has_aux=True)
+
+  def train_step(state: dict, frozen: dict, batch: dict):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    batch = {k: batch[k] for k in (*MODEL_INPUTS, "labels", "weights")}
+    if grad_accum_steps == 1:
+      (loss, weight), grads = loss_and_grads(state["params"], frozen, batch, rng)
+    else:
+      micro = jax.tree_util.tree_map(
+          lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+      def accumulate(carry, xs):
+        i, mb = xs
+        (l, w), g = loss_and_grads(state["params"], frozen, mb, jax.random.fold_in(rng, i))
+        acc_l, acc_w, acc_g = carry
+        return (acc_l + l, acc_w + w, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
+
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+      (loss, weight, grads), _ = jax.lax.scan(
+          accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (jnp.arange(grad_accum_steps), micro))
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state["step"]), "examples": weight,
+               "tokens": jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))}
+    new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(logits_fn: LogitsFn):
+  """Returns eval_step(params, frozen, batch) -> float32 logits."""
+
+  def eval_step(params: dict, frozen: dict, batch: dict) -> jax.Array:
+    batch = {k: batch[k] for k in MODEL_INPUTS}
+    return logits_fn(combine(params, frozen), batch, None, False)
+
+  return eval_step

@@ -1,0 +1,313 @@
+r"""Fine-tune a pretrained encoder: `python -m jaxft.train --config=configs/X.py --workdir=DIR`.
+
+Re-running the same command on an existing DIR resumes from its latest checkpoint.
+Overrides: `--config.train.learning_rate=1e-4 --config.data.train_file=PATH ...`.
+
+The life of a run, top to bottom in `train_and_evaluate`: workdir checks, data and model, steps and
+schedule, state (fresh or restored), the loop (log, evaluate, checkpoint, stop early), the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Iterator, Optional
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxft import __version__, config as config_lib, experiment, models, parallel, runtime
+from jaxft.checkpoint import Checkpoints, checkpoint_dir
+from jaxft.data import batching
+from jaxft.errors import fail, run_cli
+from jaxft.metrics import MetricWriter, read_metrics
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py) returning a ConfigDict; override keys with "
+    "--config.<key>=<value>.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, "
+                               "tb/, config.json. An existing one is resumed.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+
+# Config keys a resumed run must share with the run that wrote the workdir's checkpoints.
+_RESUME_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "data.text_fields",
+                "data.label_field", "train.batch_size", "seed")
+
+
+def _lookup(c, dotted: str):
+  for part in dotted.split("."):
+    c = c[part]
+  return tuple(c) if isinstance(c, (list, tuple)) else c
+
+
+def _prepare_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".jaxft-write-test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    fail(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir")
+
+
+def _check_resume_compatible(workdir: str, config, exp, ckpts: Checkpoints) -> None:
+  """A workdir holding another run's checkpoints must not be silently continued or overwritten."""
+  path = os.path.join(workdir, "config.json")
+  if not ckpts.steps() or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = config_lib.from_json(f.read())
+  for key in _RESUME_KEYS:
+    if _lookup(saved, key) != _lookup(config, key):
+      fail(f"{workdir} holds checkpoints of a run with {key}={_lookup(saved, key)!r}, not "
+           f"{_lookup(config, key)!r}; use a new --workdir (or the same config to resume)")
+  if tuple(saved.data.label_names or ()) != exp.label_names:
+    fail(f"{workdir} holds checkpoints trained on labels {list(saved.data.label_names)}, this "
+         f"data has {list(exp.label_names)}; use a new --workdir")
+
+
+def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int) -> None:
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config_lib.to_json(config))
+  total = models.count_params(exp.model.params)
+  info = {"jaxft_version": __version__, "model_dir": exp.model_dir,
+          "model_fingerprint": fingerprint, "label_names": list(exp.label_names),
+          "params": {"total": total, "trainable": total}, "num_train_steps": num_steps,
+          "train_examples": len(exp.train_data), "devices": jax.device_count(),
+          "processes": jax.process_count(), "mesh": dict(exp.mesh.shape),
+          "bucket_lengths": list(exp.buckets)}
+  with open(os.path.join(workdir, "run.json"), "w") as f:
+    json.dump(info, f, indent=2)
+
+
+def _prefetch(items: Iterator, size: int = 2) -> Iterator:
+  """Runs `items` in a background thread, `size` ahead, so input never stalls the step."""
+  q: queue.Queue = queue.Queue(maxsize=size)
+  done = object()
+
+  def produce():
+    try:
+      for item in items:
+        q.put(item)
+      q.put(done)
+    except BaseException as e:  # re-raised in the consumer
+      q.put(e)
+
+  threading.Thread(target=produce, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is done:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def _train_batches(exp, data, start_step: int, num_steps: int, spe: int) -> Iterator:
+  """(step, device batch) from `start_step` on; batch = f(seed, epoch, index in epoch)."""
+  c = exp.config
+  epoch_cache: dict[int, list] = {}
+  for step in range(start_step, num_steps):
+    epoch, index = divmod(step, spe)
+    if epoch not in epoch_cache:
+      epoch_cache.clear()
+      epoch_cache[epoch] = batching.epoch_batches(
+          data.lengths, c.train.batch_size, c.seed, epoch, c.data.bucket_window_batches)
+    host = exp.host_batch(data, epoch_cache[epoch][index], c.train.batch_size)
+    yield step, host["input_ids"].shape[1], parallel.to_devices(host, exp.mesh)
+
+
+class _Progress:
+  """Console progress (process 0 only): a tqdm bar with loss and throughput."""
+
+  def __init__(self, start: int, total: int):
+    self.bar = None
+    if jax.process_index() == 0:
+      from tqdm import tqdm
+      self.bar = tqdm(total=total, initial=start, desc="train", unit="step", mininterval=1.0,
+                      dynamic_ncols=True)
+
+  def update(self, **postfix) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+      if postfix:
+        self.bar.set_postfix(postfix, refresh=False)
+
+  def write(self, line: str) -> None:
+    if self.bar is not None:
+      self.bar.write(line)
+    elif jax.process_index() == 0:
+      print(line)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _summarise(pending: list, seconds: float) -> dict:
+  """Averages the device metrics of the steps since the last log (one device-to-host pull)."""
+  host = jax.device_get(pending)
+  examples = sum(float(m["examples"]) for m in host)
+  tokens = sum(float(m["tokens"]) for m in host)
+  return {
+      "loss": sum(float(m["loss"]) * float(m["examples"]) for m in host) / max(examples, 1.0),
+      "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
+      "learning_rate": float(host[-1]["learning_rate"]),
+      "examples_per_sec": examples / seconds, "tokens_per_sec": tokens / seconds,
+  }
+
+
+def _is_better(value: float, best: Optional[float], mode: str) -> bool:
+  return best is None or (value > best if mode == "max" else value < best)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+  runtime.configure_jax()
+  _prepare_workdir(workdir)
+  t, k = config.train, config.checkpoint
+
+  # ---- data and model ----------------------------------------------------------------------
+  exp = experiment.build(config)
+  train_data = exp.train_data
+  val_data = exp.load_split("validation") if config.data.validation_file else None
+  config.unlock()
+  config.data.label_names = exp.label_names  # the resolved config is what config.json records
+  config.lock()
+
+  # ---- steps, schedule, optimizer ------------------------------------------------------------
+  spe = batching.steps_per_epoch(len(train_data), t.batch_size)
+  num_steps = t.num_train_steps or max(1, math.ceil(t.num_epochs * spe))
+  eval_every = t.eval_every or spe
+  save_every = k.save_every or eval_every
+  tx, schedule = exp.optimizer(num_steps)
+  abstract = exp.abstract_state(tx)
+
+  # ---- state: restored or fresh ----------------------------------------------------------------
+  ckpts = Checkpoints(workdir, k)
+  _check_resume_compatible(workdir, config, exp, ckpts)
+  fingerprint = models.fingerprint(exp.model_dir)
+  latest = ckpts.latest_step()
+  progress_log = []
+  if latest is not None:
+    state, meta = ckpts.restore(latest, abstract)
+    if meta["base_model"]["fingerprint"] != fingerprint:
+      fail(f"the checkpoints in {workdir} were trained from a different base model "
+           f"(fingerprint {meta['base_model']['fingerprint']}, now {fingerprint}); use a new "
+           "--workdir or the original model")
+    progress_log.append(f"resumed from step {latest} of {checkpoint_dir(workdir)}")
+  else:
+    state = exp.init_state(tx)
+  start = int(jax.device_get(state["step"]))
+  _write_run_files(workdir, config, exp, fingerprint, num_steps)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer.truncate_after(start)
+
+  # Early stopping and best tracking continue from the evaluations already logged.
+  best, evals_since_best = None, 0
+  for record in read_metrics(workdir, "validation"):
+    value = record.get(k.best_metric)
+    if value is None:
+      continue
+    if _is_better(value, best, k.best_mode):
+      best, evals_since_best = value, 0
+    else:
+      evals_since_best += 1
+
+  train_step = exp.jit_train_step(tx, schedule, abstract)
+  eval_step = exp.jit_eval_step()
+  frozen = exp.frozen()
+
+  def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
+    epoch, index = divmod(step, spe)
+    return {"step": step, "epoch": epoch, "batch_in_epoch": index, "steps_per_epoch": spe,
+            "metrics": eval_metrics, "label_names": list(exp.label_names),
+            "base_model": {"name_or_path": config.model.name_or_path,
+                           "fingerprint": fingerprint}}
+
+  # ---- the loop ----------------------------------------------------------------------------------
+  progress = _Progress(start, num_steps)
+  for line in progress_log:
+    progress.write(line)
+  pending, last_log, shapes_seen = [], time.perf_counter(), set()
+  eval_metrics: Optional[dict] = None
+  stopped_early = False
+  for step, width, batch in _prefetch(_train_batches(exp, train_data, start, num_steps, spe)):
+    state, step_metrics = train_step(state, frozen, batch)
+    pending.append(step_metrics)
+    shapes_seen.add(width)
+    done = step + 1
+    if done % t.log_every == 0 or done == num_steps:
+      now = time.perf_counter()
+      summary = _summarise(pending, now - last_log)
+      summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
+      pending, last_log = [], now
+      writer.write(done, "train", summary)
+      progress.update(loss=f"{summary['loss']:.4f}", ex_s=f"{summary['examples_per_sec']:.1f}")
+    else:
+      progress.update()
+
+    evaluated = None
+    if val_data is not None and (done % eval_every == 0 or done == num_steps):
+      eval_start = time.perf_counter()
+      evaluated = exp.evaluate(eval_step, state["params"], val_data)
+      evaluated["eval_seconds"] = time.perf_counter() - eval_start
+      eval_metrics = evaluated
+      writer.write(done, "validation", evaluated)
+      progress.write(f"step {done}: validation " + ", ".join(
+          f"{name}={value:.4f}" for name, value in evaluated.items()))
+      if _is_better(evaluated[k.best_metric], best, k.best_mode):
+        best, evals_since_best = evaluated[k.best_metric], 0
+      else:
+        evals_since_best += 1
+      last_log = time.perf_counter()  # evaluation time is not training throughput
+
+    stop = (t.early_stopping_patience and evaluated is not None
+            and evals_since_best >= t.early_stopping_patience)
+    if done % save_every == 0 or done == num_steps or stop or evaluated is not None:
+      ckpts.save(done, state, meta_for(done, evaluated), metrics=evaluated)
+    if stop:
+      progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
+                     f"{evals_since_best} evaluations (best {best:.4f})")
+      stopped_early = True
+      break
+  progress.close()
+  ckpts.close()
+  writer.close()
+  if jax.process_index() == 0:
+    best_step = Checkpoints(workdir, k, read_only=True).best_step()
+    print(f"done: step {num_steps if not stopped_early else done}, best checkpoint step "
+          f"{best_step} ({k.best_metric}={best})", flush=True)
+  return eval_metrics or {}
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
+
+  def run_training():
+    if _CONFIG.value is None:
+      fail("--config is required, e.g. --config=configs/sst2_minilm.py")
+    if not _WORKDIR.value:
+      fail("--workdir is required: the run directory for checkpoints and metrics")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+  run_cli(run_training, _DEBUG.value)
+
+
+def run() -> None:
+  app.run(main, flags_parser=runtime.parse_flags_or_exit)
+
+
+if __name__ == "__main__":
+  run()
