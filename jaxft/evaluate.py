@@ -18,14 +18,6 @@ from jaxft.checkpoint import Checkpoints
 from jaxft.data import batching
 from jaxft.errors import fail, run_cli
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by jaxft.train.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "Which checkpoint: best, latest or a "
-                                  "step number.")
-_SPLIT = flags.DEFINE_string("split", "validation", "Split to evaluate: validation or test "
-                             "(the files named in the run's config), or train.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
-
-
 def load_run_config(workdir: str):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -67,19 +59,25 @@ def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validat
   return record
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-
-  def run_eval():
-    if not _WORKDIR.value:
-      fail("--workdir is required: the run directory written by jaxft.train")
-    evaluate_checkpoint(_WORKDIR.value, _CHECKPOINT.value, _SPLIT.value)
-
-  run_cli(run_eval, _DEBUG.value)
-
-
 def run() -> None:
+  """Console script `jaxft-eval` (flags defined here, not at import: see jaxft.train.run)."""
+  workdir_flag = flags.DEFINE_string("workdir", None, "Run directory written by jaxft.train.")
+  checkpoint_flag = flags.DEFINE_string("checkpoint", "best",
+                                        "Which checkpoint: best, latest or a step number.")
+  split_flag = flags.DEFINE_string("split", "validation", "Split to evaluate: validation or "
+                                   "test (the files named in the run's config), or train.")
+  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+
+  def main(argv) -> None:
+    def run_eval():
+      if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
+      if not workdir_flag.value:
+        fail("--workdir is required: the run directory written by jaxft.train")
+      evaluate_checkpoint(workdir_flag.value, checkpoint_flag.value, split_flag.value)
+
+    run_cli(run_eval, debug_flag.value)
+
   app.run(main, flags_parser=runtime.parse_flags_or_exit)
 
 

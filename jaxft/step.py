@@ -77,7 +77,7 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss / denom, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state["step"]), "examples": weight,
                "tokens": jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,

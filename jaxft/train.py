@@ -29,13 +29,6 @@ from jaxft.data import batching
 from jaxft.errors import fail, run_cli
 from jaxft.metrics import MetricWriter, read_metrics
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py) returning a ConfigDict; override keys with "
-    "--config.<key>=<value>.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints/, metrics.jsonl, "
-                               "tb/, config.json. An existing one is resumed.")
-_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
-
 # Config keys a resumed run must share with the run that wrote the workdir's checkpoints.
 _RESUME_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "data.text_fields",
                 "data.label_field", "train.batch_size", "seed")
@@ -291,21 +284,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return eval_metrics or {}
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-
-  def run_training():
-    if _CONFIG.value is None:
-      fail("--config is required, e.g. --config=configs/sst2_minilm.py")
-    if not _WORKDIR.value:
-      fail("--workdir is required: the run directory for checkpoints and metrics")
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-  run_cli(run_training, _DEBUG.value)
-
-
 def run() -> None:
+  """Console script `jaxft-train`. Flags are defined here, not at import, so that the library
+  modules (train, evaluate, ...) can be imported together."""
+  config_flag = config_flags.DEFINE_config_file(
+      "config", None, "Config file (configs/*.py) returning a ConfigDict; override keys with "
+      "--config.<key>=<value>.", lock_config=True)
+  workdir_flag = flags.DEFINE_string(
+      "workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/, config.json. An "
+      "existing one is resumed.")
+  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+
+  def main(argv) -> None:
+    def run_training():
+      if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
+      if config_flag.value is None:
+        fail("--config is required, e.g. --config=configs/sst2_minilm.py")
+      if not workdir_flag.value:
+        fail("--workdir is required: the run directory for checkpoints and metrics")
+      train_and_evaluate(config_flag.value, workdir_flag.value)
+
+    run_cli(run_training, debug_flag.value)
+
   app.run(main, flags_parser=runtime.parse_flags_or_exit)
 
 

@@ -94,5 +94,5 @@ def make_batch(data: Encoded, indices: np.ndarray, batch_size: int,
 def host_rows(batch: dict[str, np.ndarray], process_index: int,
               process_count: int) -> dict[str, np.ndarray]:
   """This host's contiguous share of a global batch (every host computes the same indices)."""
-  rows = len(batch["weights"]) // process_count
+  rows = len(next(iter(batch.values()))) // process_count
   return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}

@@ -2,7 +2,8 @@
 
 Every column is read as text (labels included) so that label handling is one code path, and so
 that sentences such as "null" or "NA" are kept as written. Delimited files are read with quoting
-off: GLUE's TSV files hold bare quote characters that would otherwise swallow rows.
+off: GLUE's TSV files hold bare quote characters that would otherwise swallow rows;
+CSV files keep standard quoting so that a quoted field may hold commas.
 """
 
 from __future__ import annotations
@@ -43,12 +44,17 @@ def _check_readable(path: str) -> None:
     fail(f"data file {path} is empty")
 
 
+def _quoting(delimiter: str) -> int:
+  # TSV: quoting off (GLUE files hold bare quotes). CSV: standard quoting, so "a, b" is one field.
+  return csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+
+
 def _column_names(path: str, delimiter: str, has_header: bool,
                   column_names: Optional[Sequence[str]]) -> list[str]:
   """Column names from config, else the header line, else "0", "1", ... for headerless files."""
   with open(path, encoding="utf-8") as f:
     first = f.readline().rstrip("\r\n")
-  found = first.split(delimiter)
+  found = next(csv.reader([first], delimiter=delimiter, quoting=_quoting(delimiter)))
   if column_names:
     if len(column_names) != len(found):
       fail(f"data.column_names names {len(column_names)} columns but the first line of {path} "
@@ -71,7 +77,7 @@ def _load(path: str, fmt: str, has_header: bool,
     features = datasets.Features({name: datasets.Value("string") for name in names})
     return datasets.load_dataset(
         "csv", data_files={"data": path}, split="data", delimiter=delimiter,
-        quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False, encoding="utf-8",
+        quoting=_quoting(delimiter), keep_default_na=False, na_filter=False, encoding="utf-8",
         header=0 if has_header else None, names=names, features=features)
   builder = "json" if fmt in ("json", "jsonl") else fmt
   return datasets.load_dataset(builder, data_files={"data": path}, split="data")

@@ -1,0 +1,89 @@
+"""User mistakes at the command line: one line naming the problem, exit status 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, write_tsv
+
+
+def _run(module, *args, cwd=REPO):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _assert_user_error(result, *fragments):
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith("jaxft: error:")]
+  assert len(lines) == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def train_args(tmp_path, tiny_model_dir, sentiment_files):
+  return ["--config=configs/sst2_minilm.py", f"--workdir={tmp_path / 'run'}",
+          f"--config.model.name_or_path={tiny_model_dir}",
+          f"--config.data.train_file={sentiment_files[0]}",
+          f"--config.data.validation_file={sentiment_files[1]}"]
+
+
+def test_misspelt_config_key(train_args):
+  _assert_user_error(_run("jaxft.train", *train_args, "--config.train.learning_rat=1e-4"),
+                     "learning_rat")
+
+
+def test_wrong_type_for_a_key(train_args):
+  _assert_user_error(_run("jaxft.train", *train_args, "--config.train.batch_size=big"),
+                     "batch_size")
+
+
+def test_missing_data_file(train_args, tmp_path):
+  _assert_user_error(
+      _run("jaxft.train", *train_args, f"--config.data.train_file={tmp_path}/nope.tsv"),
+      "nope.tsv does not exist")
+
+
+def test_label_column_that_does_not_exist(train_args):
+  _assert_user_error(_run("jaxft.train", *train_args, "--config.data.label_field=stars"),
+                     "no column 'stars'", "['sentence', 'label']")
+
+
+def test_zero_learning_rate(train_args):
+  _assert_user_error(_run("jaxft.train", *train_args, "--config.train.learning_rate=0"),
+                     "train.learning_rate")
+
+
+def test_model_folder_that_does_not_exist(train_args, tmp_path):
+  _assert_user_error(
+      _run("jaxft.train", *train_args, f"--config.model.name_or_path={tmp_path}/no_model"),
+      "is not a folder")
+
+
+def test_model_folder_without_weights(train_args, tmp_path, tiny_model_dir):
+  empty = tmp_path / "weightless"
+  empty.mkdir()
+  (empty / "config.json").write_text(open(os.path.join(tiny_model_dir, "config.json")).read())
+  for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+    (empty / name).write_text(open(os.path.join(tiny_model_dir, name)).read())
+  _assert_user_error(_run("jaxft.train", *train_args, f"--config.model.name_or_path={empty}"),
+                     "holds no weights")
+
+
+def test_label_outside_label_names(train_args, tmp_path):
+  path = write_tsv(tmp_path / "t.tsv", [("good", 0), ("bad", 1), ("meh", 7)])
+  _assert_user_error(_run("jaxft.train", *train_args, f"--config.data.train_file={path}"),
+                     "data row 3", "'7'")
+
+
+def test_evaluate_without_a_run(tmp_path):
+  _assert_user_error(_run("jaxft.evaluate", f"--workdir={tmp_path}"), "no config.json")
+
+
+def test_debug_shows_the_traceback(train_args):
+  result = _run("jaxft.train", *train_args, "--config.data.label_field=stars", "--debug")
+  assert result.returncode != 0 and "Traceback" in result.stderr

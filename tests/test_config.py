@@ -1,0 +1,80 @@
+"""Config defaults, locking, validation and the config.json round trip."""
+
+import pytest
+
+from jaxft import config as config_lib
+from jaxft.errors import UserError
+
+
+def _valid():
+  c = config_lib.base_config()
+  c.data.train_file = "train.tsv"
+  c.lock()
+  return c
+
+
+def test_locked_config_rejects_a_misspelt_key():
+  c = _valid()
+  with pytest.raises(AttributeError):
+    c.train.learning_rat = 1.0
+
+
+def test_type_safety_rejects_wrong_types():
+  c = _valid()
+  with pytest.raises(TypeError):
+    c.train.batch_size = "big"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.learning_rate", 0.0, "train.learning_rate=0.0 must be a positive"),
+    ("train.learning_rate", -1e-4, "must be a positive"),
+    ("train.batch_size", 0, "train.batch_size=0 must be a positive"),
+    ("train.grad_accum_steps", 3, "divisible by train.grad_accum_steps=3"),
+    ("train.lr_schedule", "step", "train.lr_schedule='step' is not supported"),
+    ("train.warmup_ratio", 1.5, "warmup_ratio"),
+    ("model.pooling", "max", "model.pooling='max'"),
+    ("task.kind", "translation", "task.kind='translation'"),
+    ("data.max_seq_length", 4, "at least 8"),
+    ("checkpoint.best_mode", "up", "best_mode"),
+    ("parallel.mode", "spmd", "parallel.mode='spmd'"),
+])
+def test_validate_names_the_bad_key(key, value, message):
+  c = _valid()
+  section, name = key.split(".")
+  c[section][name] = value
+  with pytest.raises(UserError, match=message.replace("(", "\\(").replace("[", "\\[")):
+    config_lib.validate(c)
+
+
+def test_missing_train_file_is_an_error():
+  c = config_lib.base_config()
+  with pytest.raises(UserError, match="data.train_file is not set"):
+    config_lib.validate(c)
+
+
+def test_json_round_trip_restores_every_value():
+  c = _valid()
+  with c.unlocked():
+    c.data.label_names = ("neg", "pos")
+    c.data.text_fields = ("a", "b")
+    c.train.learning_rate = 3e-4
+  back = config_lib.from_json(config_lib.to_json(c))
+  assert back.to_dict() == c.to_dict()
+
+
+def test_shipped_configs_load_and_validate():
+  import importlib.util, os
+  root = os.path.join(os.path.dirname(__file__), "..", "configs")
+  for name in sorted(os.listdir(root)):
+    if not name.endswith(".py"):
+      continue
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(root, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    if c.data.train_file is None:
+      with c.unlocked():
+        c.data.train_file = "x.tsv"
+    config_lib.validate(c)
+    with pytest.raises(AttributeError):
+      c.no_such_key = 1

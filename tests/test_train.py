@@ -1,0 +1,74 @@
+"""End to end on the tiny model: train, evaluate the checkpoint, resume."""
+
+import json
+import os
+
+import pytest
+
+from jaxft import evaluate, train
+from jaxft.errors import UserError
+from jaxft.metrics import read_metrics
+
+
+def test_train_then_evaluate_reproduces_the_training_metrics(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  final = train.train_and_evaluate(tiny_config, workdir)
+  assert final["accuracy"] > 0.8  # the synthetic task is told by a single word
+
+  records = read_metrics(workdir)
+  train_records = [r for r in records if r["split"] == "train"]
+  val_records = [r for r in records if r["split"] == "validation"]
+  assert [r["step"] for r in train_records] == list(range(12, 97, 12))  # 12 steps per epoch
+  assert [r["step"] for r in val_records] == list(range(12, 97, 12))  # once per epoch
+  assert train_records[-1]["loss"] < train_records[0]["loss"]
+  for key in ("loss", "learning_rate", "examples_per_sec", "tokens_per_sec", "grad_norm"):
+    assert key in train_records[0]
+  assert os.listdir(os.path.join(workdir, "tb"))
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["data"]["label_names"] == ["0", "1"]
+
+  record = evaluate.evaluate_checkpoint(workdir, "best", "validation")
+  best = {r["step"]: r for r in val_records}[record["step"]]
+  assert best["accuracy"] == max(r["accuracy"] for r in val_records)
+  for key in ("accuracy", "macro_f1", "mcc", "binary_f1"):
+    assert record["metrics"][key] == pytest.approx(best[key], abs=1e-6)
+  path = os.path.join(workdir, "eval", f"validation-step{best['step']}.json")
+  on_disk = json.load(open(path))
+  assert on_disk["step"] == best["step"] and on_disk["split"] == "validation"
+  assert on_disk["metrics"]["accuracy"] == record["metrics"]["accuracy"]
+
+
+def test_rerunning_resumes_from_the_latest_checkpoint(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  with tiny_config.unlocked():
+    tiny_config.train.num_epochs = 1.0
+  train.train_and_evaluate(tiny_config, workdir)
+  with tiny_config.unlocked():
+    tiny_config.train.num_epochs = 2.0
+  train.train_and_evaluate(tiny_config, workdir)
+  steps = [r["step"] for r in read_metrics(workdir, "train")]
+  assert steps == [12, 24]  # continued from 12, no step logged twice
+
+
+def test_a_workdir_of_another_run_is_refused(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  with tiny_config.unlocked():
+    tiny_config.train.num_train_steps = 2
+  train.train_and_evaluate(tiny_config, workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with tiny_config.unlocked():
+    tiny_config.model.pooling = "default"
+  with pytest.raises(UserError, match="holds checkpoints of a run with model.pooling='mean'"):
+    train.train_and_evaluate(tiny_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_early_stopping_ends_training(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  with tiny_config.unlocked():
+    tiny_config.train.learning_rate = 1e-9  # nothing improves
+    tiny_config.train.eval_every = 2
+    tiny_config.train.early_stopping_patience = 2
+  train.train_and_evaluate(tiny_config, workdir)
+  val_steps = [r["step"] for r in read_metrics(workdir, "validation")]
+  assert val_steps == [2, 4, 6]  # the first sets the best; two evaluations without improvement
