@@ -41,4 +41,41 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
     report_and_exit(UserError(f"{e}; see --help for the flags"), debug)
   except (KeyError, AttributeError, TypeError, ValueError) as e:
     # config_flags raises these for an unknown key or a value of the wrong type.
-    report_and_exit(UserError(f"bad --config override: {e}"), debug)
+    report_and_exit(UserError(f"bad --config override: {_unquote(e)}"), debug)
+  except SyntaxError as e:
+    report_and_exit(UserError(f"the --config file {e.filename} has a syntax error on line "
+                              f"{e.lineno}: {e.msg}"), debug)
+  except Exception as e:  # anything else raised while loading the config file
+    report_and_exit(UserError(f"cannot load the --config file: {type(e).__name__}: {e}"), debug)
+
+
+def _unquote(error: Exception) -> str:
+  """KeyError messages arrive repr-quoted, sometimes twice; show the plain text."""
+  import ast
+  text = str(error.args[0]) if error.args else str(error)
+  for _ in range(3):
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+      try:
+        text = ast.literal_eval(text)
+        continue
+      except (ValueError, SyntaxError):
+        pass
+    break
+  return text
+
+
+def loaded_config(config_flag):
+  """The ConfigDict of a `--config` flag; a missing or broken config file is a user error.
+
+  config_flags loads the file lazily and reports a failure only on first use.
+  """
+  config = config_flag.value
+  if config is None:
+    raise UserError("--config is required, e.g. --config=configs/sst2_minilm.py")
+  try:
+    config.keys()
+  except OSError as e:
+    first = str(e).split("\n")
+    reason = " ".join(line.strip() for line in first if "Errno" in line) or first[0]
+    raise UserError(f"cannot load the --config file: {reason}; pass a configs/*.py file") from e
+  return config

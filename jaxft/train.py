@@ -299,11 +299,10 @@ def run() -> None:
     def run_training():
       if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-      if config_flag.value is None:
-        fail("--config is required, e.g. --config=configs/sst2_minilm.py")
+      config = runtime.loaded_config(config_flag)
       if not workdir_flag.value:
         fail("--workdir is required: the run directory for checkpoints and metrics")
-      train_and_evaluate(config_flag.value, workdir_flag.value)
+      train_and_evaluate(config, workdir_flag.value)
 
     run_cli(run_training, debug_flag.value)
 

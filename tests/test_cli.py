@@ -87,3 +87,21 @@ def test_evaluate_without_a_run(tmp_path):
 def test_debug_shows_the_traceback(train_args):
   result = _run("jaxft.train", *train_args, "--config.data.label_field=stars", "--debug")
   assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_config_file_that_does_not_exist(tmp_path):
+  _assert_user_error(_run("jaxft.train", "--config=configs/nope.py", f"--workdir={tmp_path}"),
+                     "No such file", "configs/nope.py")
+
+
+def test_unknown_flag(tmp_path):
+  _assert_user_error(_run("jaxft.train", "--config=configs/demo.py", f"--workdir={tmp_path}",
+                          "--learning_rate=1"), "learning_rate")
+
+
+def test_workdir_that_cannot_be_created(train_args, tmp_path):
+  # A path under a regular file cannot be a directory, whoever runs the test (root included).
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  args = [a for a in train_args if not a.startswith("--workdir")] + [f"--workdir={blocker}/run"]
+  _assert_user_error(_run("jaxft.train", *args), "is not writable")
