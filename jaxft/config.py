@@ -14,12 +14,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxft.errors import fail
+from jaxft.parallel import DEFAULT_PARAM_RULES, check_rules
 
 TASK_KINDS = ("classification",)
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("default", "mean")
 DATA_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
-PARALLEL_MODES = ("jit",)
+PARALLEL_MODES = ("jit", "pmap")
+DISTRIBUTED_MODES = ("auto", "on", "off")
 MESH_AXES = ("data", "fsdp", "tensor")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -89,8 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.parallel = ml_collections.ConfigDict()
-  c.parallel.mode = "jit"
+  c.parallel.mode = "jit"  # "jit": one step over a sharded mesh; "pmap": classic data parallel
   c.parallel.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # (regex over state paths, one mesh axis or None per dimension); first match wins.
+  c.parallel.param_rules = DEFAULT_PARAM_RULES
+  # "on": jax.distributed.initialize() (SLURM, TPU pods and JAXFT_* variables detected);
+  # "auto": only when the environment shows several processes; "off": single process.
+  c.parallel.distributed = "auto"
   return c
 
 
@@ -171,10 +178,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(size == -1 or size >= 1, f"config parallel.mesh.{axis}={size} must be >= 1 or -1 (the rest)")
   _check(sum(1 for s in c.parallel.mesh.values() if s == -1) <= 1,
          "config parallel.mesh: at most one axis may be -1 (the rest of the devices)")
+  if c.parallel.mode == "pmap":
+    _check(c.parallel.mesh.fsdp in (1, -1) and c.parallel.mesh.tensor in (1, -1),
+           "config parallel.mode=pmap is plain data parallelism: set parallel.mesh.fsdp and "
+           "parallel.mesh.tensor to 1 (or use parallel.mode=jit)")
+  _one_of("parallel.distributed", c.parallel.distributed, DISTRIBUTED_MODES)
+  check_rules(c.parallel.param_rules)
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:
   return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def _deep_tuple(value):
+  return tuple(_deep_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
@@ -189,7 +206,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
       if isinstance(target[key], ml_collections.ConfigDict):
         merge(target[key], value, f"{prefix}{key}.")
       elif isinstance(value, list):
-        target[key] = tuple(value)
+        target[key] = _deep_tuple(value)
       elif value is None:
         target[key] = None
       else:

@@ -10,10 +10,13 @@ import json
 import math
 import os
 
+from typing import Optional
+
 import jax
+import ml_collections
 from absl import app, flags
 
-from jaxft import config as config_lib, experiment, models, runtime
+from jaxft import config as config_lib, experiment, models, parallel, runtime
 from jaxft.checkpoint import Checkpoints
 from jaxft.data import batching
 from jaxft.errors import fail, run_cli
@@ -26,10 +29,27 @@ def load_run_config(workdir: str):
     return config_lib.from_json(f.read())
 
 
-def restore_for_eval(workdir: str, which: str):
+def _eval_mesh(config, mesh: Optional[dict], num_devices: int) -> dict:
+  """The mesh to evaluate on: the one asked for; else the run's own if it fits these devices;
+  else all devices data-parallel (a checkpoint restores onto any mesh)."""
+  if mesh:
+    return {**{"data": 1, "fsdp": 1, "tensor": 1}, **mesh}
+  saved = dict(config.parallel.mesh)
+  sizes = [s for s in saved.values() if s != -1]
+  fits = math.prod(sizes) == num_devices or (-1 in saved.values()
+                                             and num_devices % math.prod(sizes) == 0)
+  return saved if fits else {"data": -1, "fsdp": 1, "tensor": 1}
+
+
+def restore_for_eval(workdir: str, which: str, devices=None, mesh: Optional[dict] = None):
   """(experiment, step, params) for the chosen checkpoint of `workdir`, on this process's mesh."""
   config = load_run_config(workdir)
-  exp = experiment.build(config, read_train=False)
+  parallel.initialize_distributed(config.parallel.distributed)
+  devices = jax.devices() if devices is None else devices
+  with config.unlocked():
+    config.parallel.mode = "jit"  # evaluation always runs the jitted, sharded eval step
+    config.parallel.mesh = ml_collections.ConfigDict(_eval_mesh(config, mesh, len(devices)))
+  exp = experiment.build(config, read_train=False, devices=devices)
   ckpts = Checkpoints(workdir, config.checkpoint, read_only=True)
   step = ckpts.resolve(which)
   tx, _ = exp.optimizer(max(step, 1))  # only shapes matter for restoring
@@ -41,9 +61,10 @@ def restore_for_eval(workdir: str, which: str):
   return exp, step, state["params"]
 
 
-def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validation") -> dict:
+def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validation",
+                        devices=None, mesh: Optional[dict] = None) -> dict:
   runtime.configure_jax()
-  exp, step, params = restore_for_eval(workdir, which)
+  exp, step, params = restore_for_eval(workdir, which, devices, mesh)
   data = exp.load_split(split)
   result = exp.evaluate(exp.jit_eval_step(), params, data)
   record = {"step": step, "split": split, "checkpoint": which, "metrics": result}
@@ -59,6 +80,18 @@ def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validat
   return record
 
 
+def parse_mesh(text: Optional[str]) -> Optional[dict]:
+  if not text:
+    return None
+  mesh = {}
+  for part in text.split(","):
+    name, _, size = part.partition("=")
+    if name.strip() not in parallel.AXES or not size.strip().lstrip("-").isdigit():
+      fail(f"--mesh={text!r}: write axis=size pairs over {list(parallel.AXES)}, e.g. data=8")
+    mesh[name.strip()] = int(size)
+  return mesh
+
+
 def run() -> None:
   """Console script `jaxft-eval` (flags defined here, not at import: see jaxft.train.run)."""
   workdir_flag = flags.DEFINE_string("workdir", None, "Run directory written by jaxft.train.")
@@ -66,6 +99,9 @@ def run() -> None:
                                         "Which checkpoint: best, latest or a step number.")
   split_flag = flags.DEFINE_string("split", "validation", "Split to evaluate: validation or "
                                    "test (the files named in the run's config), or train.")
+  mesh_flag = flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=8 or "
+                                  "data=2,fsdp=4 (default: the run's own if it fits these "
+                                  "devices, else all devices data-parallel).")
   debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
 
   def main(argv) -> None:
@@ -74,7 +110,8 @@ def run() -> None:
         fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
       if not workdir_flag.value:
         fail("--workdir is required: the run directory written by jaxft.train")
-      evaluate_checkpoint(workdir_flag.value, checkpoint_flag.value, split_flag.value)
+      evaluate_checkpoint(workdir_flag.value, checkpoint_flag.value, split_flag.value,
+                          mesh=parse_mesh(mesh_flag.value))
 
     run_cli(run_eval, debug_flag.value)
 

@@ -67,7 +67,7 @@ class Experiment:
     """Shapes, dtypes and shardings of the train state, computed without allocating it."""
     shapes = jax.eval_shape(lambda p: step_lib.init_state(p, tx, self.config.seed),
                             self.model.params)
-    shardings = parallel.state_shardings(shapes, self.mesh)
+    shardings = parallel.state_shardings(shapes, self.mesh, self.config.parallel.param_rules)
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -84,14 +84,11 @@ class Experiment:
     return {}
 
   # ---- steps ------------------------------------------------------------------------------
-  def jit_train_step(self, tx, schedule, abstract_state: dict):
-    fn = step_lib.make_train_step(self.model.logits, tx, schedule,
-                                  self.config.train.grad_accum_steps)
-    state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
-    return jax.jit(fn, in_shardings=(state_shardings, parallel.replicated(self.mesh),
-                                     parallel.batch_sharding(self.mesh)),
-                   out_shardings=(state_shardings, parallel.replicated(self.mesh)),
-                   donate_argnums=(0,))
+  def trainer(self, tx, schedule, abstract_state: dict) -> "Trainer":
+    """The train step for `parallel.mode`, with how its state and batches are laid out."""
+    if self.config.parallel.mode == "pmap":
+      return PmapTrainer(self, tx, schedule, abstract_state)
+    return JitTrainer(self, tx, schedule, abstract_state)
 
   def jit_eval_step(self):
     return jax.jit(step_lib.make_eval_step(self.model.logits),
@@ -118,6 +115,71 @@ class Experiment:
     return result
 
 
+class JitTrainer:
+  """`parallel.mode=jit`: one jitted step; state and batches carry their NamedShardings."""
+
+  def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
+    self.exp = exp
+    fn = step_lib.make_train_step(exp.model.logits, tx, schedule,
+                                  exp.config.train.grad_accum_steps)
+    self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
+    self._step = jax.jit(
+        fn, in_shardings=(self.state_shardings, parallel.replicated(exp.mesh),
+                          parallel.batch_sharding(exp.mesh)),
+        out_shardings=(self.state_shardings, parallel.replicated(exp.mesh)),
+        donate_argnums=(0,))
+
+  def place(self, state: dict) -> dict:
+    """A fresh or restored state (already laid out by the abstract state's shardings)."""
+    return state
+
+  def device_batch(self, host_batch: dict) -> dict:
+    return parallel.to_devices(host_batch, self.exp.mesh)
+
+  def step(self, state: dict, frozen: dict, batch: dict):
+    return self._step(state, frozen, batch)
+
+  def savable(self, state: dict) -> dict:
+    return state
+
+  def params(self, state: dict) -> dict:
+    return state["params"]
+
+
+class PmapTrainer:
+  """`parallel.mode=pmap`: the same step under jax.pmap, state replicated on local devices."""
+
+  def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
+    self.exp = exp
+    fn = step_lib.make_train_step(exp.model.logits, tx, schedule,
+                                  exp.config.train.grad_accum_steps,
+                                  reduce_axis=parallel.PMAP_AXIS)
+    self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
+    self._step = jax.pmap(fn, axis_name=parallel.PMAP_AXIS, in_axes=(0, None, 0),
+                          donate_argnums=(0,))
+
+  def place(self, state: dict) -> dict:
+    return parallel.replicate(state)
+
+  def device_batch(self, host_batch: dict) -> dict:
+    return parallel.to_pmap_devices(host_batch)
+
+  def step(self, state: dict, frozen: dict, batch: dict):
+    state, metrics = self._step(state, frozen, batch)
+    return state, jax.tree_util.tree_map(lambda m: m[0], metrics)  # identical on every device
+
+  def savable(self, state: dict) -> dict:
+    """The first replica as global arrays on the mesh, the layout checkpoints are written in."""
+    return _on_mesh(parallel.unreplicate(state), self.state_shardings)
+
+  def params(self, state: dict) -> dict:
+    return _on_mesh(parallel.unreplicate(state["params"]), self.state_shardings["params"])
+
+
+def _on_mesh(host_tree, shardings):
+  return jax.tree_util.tree_map(jax.make_array_from_process_local_data, shardings, host_tree)
+
+
 def _logsumexp(x: np.ndarray) -> np.ndarray:
   m = x.max(-1, keepdims=True)
   return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
@@ -129,9 +191,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def build(config, label_names: Optional[Sequence[str]] = None,
-          read_train: bool = True) -> Experiment:
-  """Loads tokenizer, training data (which fixes the label names), model and mesh for `config`."""
+def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool = True,
+          devices: Optional[Sequence] = None) -> Experiment:
+  """Loads tokenizer, training data (which fixes the label names), model and mesh for `config`.
+
+  `devices` (default: all) lets a caller run on a subset, e.g. one device in a test.
+  """
   config_lib.validate(config)
   model_dir = models.resolve_model_dir(config.model.name_or_path)
   tokenizer = models.load_tokenizer(model_dir, config.model.trust_remote_code)
@@ -146,7 +211,7 @@ def build(config, label_names: Optional[Sequence[str]] = None,
   model = models.load_classifier(model_dir, label_names, config.model.pooling, config.seed,
                                  config.train.compute_dtype, config.model.trust_remote_code)
   _check_model_fits(config, tokenizer, model)
-  mesh = parallel.make_mesh(dict(config.parallel.mesh))
+  mesh = parallel.make_mesh(dict(config.parallel.mesh), devices)
   parallel.check_batch_size("train.batch_size", config.train.batch_size // 
                             config.train.grad_accum_steps, mesh)
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)

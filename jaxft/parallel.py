@@ -1,12 +1,24 @@
-"""The device mesh, the shardings of state and batches, and moving host batches onto devices.
+"""Devices: the mesh, sharding rules for the state, batches onto devices, pmap mode, multi-host.
 
-The mesh has the axes ("data", "fsdp", "tensor"); batches are split along ("data", "fsdp").
-The state is replicated in this first version: sharding rules for parameters plug in here.
+`jit` mode (the main path): one `jax.jit` step over a `jax.sharding.Mesh` with axes
+("data", "fsdp", "tensor"). Every leaf of the train state gets a PartitionSpec from the first
+matching regex rule over its path (`parallel.param_rules`), so optimizer moments follow their
+parameters. Batches are split over ("data", "fsdp"). XLA inserts the collectives: FSDP gathers
+weights where they are used, tensor parallelism splits attention heads and the MLP.
+
+`pmap` mode: classic data parallelism for users who expect it. Replicated state, the same step
+function with its gradient sums reduced by `lax.psum` over the "batch" axis.
+
+Multi-host: `initialize_distributed` starts JAX's distributed runtime; every process computes the
+same global batch indices and feeds only its rows (`batching.host_rows`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -16,8 +28,36 @@ from jaxft.errors import fail
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+PMAP_AXIS = "batch"
+
+# First match wins; paths look like "params/bert/encoder/layer/0/attention/self/query/kernel"
+# (optimizer moments: "opt_state/1/0/mu/bert/..."). A spec names one mesh axis (or None) per
+# dimension; a dimension that the axis size does not divide stays whole.
+DEFAULT_PARAM_RULES = (
+    # [vocab, hidden]: split the hidden dimension (vocabulary sizes are rarely divisible).
+    (r".*embeddings/\w+/embedding", (None, "fsdp")),
+    # Attention: [hidden, heads * head_dim] -> heads over "tensor"; output projection the reverse.
+    (r".*attention/self/(query|key|value)/kernel", ("fsdp", "tensor")),
+    (r".*attention/self/(query|key|value)/bias", ("tensor",)),
+    (r".*attention/output/dense/kernel", ("tensor", "fsdp")),
+    # MLP: [hidden, mlp] -> mlp over "tensor"; [mlp, hidden] back.
+    (r".*intermediate/dense/kernel", ("fsdp", "tensor")),
+    (r".*intermediate/dense/bias", ("tensor",)),
+    (r".*output/dense/kernel", ("tensor", "fsdp")),
+    # DistilBERT names.
+    (r".*attention/(q_lin|k_lin|v_lin)/kernel", ("fsdp", "tensor")),
+    (r".*attention/(q_lin|k_lin|v_lin)/bias", ("tensor",)),
+    (r".*attention/out_lin/kernel", ("tensor", "fsdp")),
+    (r".*ffn/lin1/kernel", ("fsdp", "tensor")),
+    (r".*ffn/lin1/bias", ("tensor",)),
+    (r".*ffn/lin2/kernel", ("tensor", "fsdp")),
+    (r".*pooler/dense/kernel", ("fsdp", None)),
+    # Everything else (LayerNorm, other biases, the task head, step, rng): replicated.
+    (r".*", ()),
+)
 
 
+# ---- mesh ------------------------------------------------------------------------------------
 def mesh_shape(requested: dict, num_devices: int) -> tuple[int, ...]:
   """Axis sizes for `num_devices`, with at most one -1 meaning "the rest"."""
   sizes = [int(requested.get(a, 1)) for a in AXES]
@@ -33,8 +73,8 @@ def mesh_shape(requested: dict, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
-def make_mesh(requested: dict, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+def make_mesh(requested: dict, devices: Optional[Sequence] = None) -> Mesh:
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(requested, len(devices))
   # jax.sharding.Mesh gives Auto axes (jax.make_mesh would make them Explicit), as flax expects.
   return Mesh(np.asarray(devices).reshape(shape), AXES)
@@ -48,7 +88,10 @@ def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:
   n = batch_parallelism(mesh)
   if batch_size % n:
     fail(f"config {name}={batch_size} is not divisible by the data-parallel size {n} "
-         f"(mesh data x fsdp); use a multiple of {n}")
+         f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); use a multiple "
+         f"of {n}")
+  if batch_size % jax.process_count():
+    fail(f"config {name}={batch_size} is not divisible by the {jax.process_count()} processes")
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -59,12 +102,148 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def state_shardings(abstract_state, mesh: Mesh):
-  """A sharding for every leaf of the (abstract) state: replicated for now."""
-  return jax.tree_util.tree_map(lambda _: replicated(mesh), abstract_state)
+# ---- state shardings from rules ----------------------------------------------------------------
+def path_string(keypath) -> str:
+  parts = []
+  for key in keypath:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
 
 
+def spec_for(path: str, shape: tuple, rules: Sequence, mesh: Mesh) -> P:
+  """The PartitionSpec of the first rule matching `path`, fitted to `shape` and the mesh."""
+  for pattern, axes in rules:
+    if re.fullmatch(pattern, path):
+      break
+  else:
+    fail(f"no parallel.param_rules pattern matches {path}; end the rules with ('.*', ())")
+  axes = tuple(axes)
+  if len(axes) != len(shape):  # e.g. a scalar optimizer count under a kernel's rule
+    return P()
+  fitted = []
+  for axis, dim in zip(axes, shape):
+    size = mesh.shape[axis] if axis else 1
+    fitted.append(axis if axis and size > 1 and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence = DEFAULT_PARAM_RULES):
+  """A NamedSharding for every leaf of the (abstract) state, by the first matching rule."""
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, leaf: NamedSharding(mesh, spec_for(path_string(kp), leaf.shape, rules, mesh)),
+      abstract_state)
+
+
+def check_rules(rules: Sequence) -> None:
+  for rule in rules:
+    if len(rule) != 2:
+      fail(f"parallel.param_rules entry {rule!r} must be (regex, axes)")
+    pattern, axes = rule
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      fail(f"parallel.param_rules pattern {pattern!r} is not a valid regex: {e}")
+    for axis in axes:
+      if axis is not None and axis not in AXES:
+        fail(f"parallel.param_rules pattern {pattern!r} names axis {axis!r}; use one of "
+             f"{list(AXES)} or None")
+
+
+# ---- batches onto devices ----------------------------------------------------------------------
 def to_devices(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles a global batch from this process's rows (all rows when there is one process)."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host_batch.items()}
+
+
+def to_pmap_devices(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """[rows, ...] -> [local devices, rows / local devices, ...] for a pmapped step."""
+  n = jax.local_device_count()
+  return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in host_batch.items()}
+
+
+def replicate(tree: Any) -> Any:
+  """`tree` stacked once per local device (pmap layout: leading device axis).
+
+  Host arrays: the pmapped step moves them onto the devices on its first call.
+  """
+  n = jax.local_device_count()
+  return jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(tree))
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first replica of a pmap-layout tree, as host arrays."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x[0]), tree)
+
+
+# ---- multi-host ----------------------------------------------------------------------------------
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
+def wants_distributed(mode: str) -> bool:
+  if mode == "on":
+    return True
+  if mode == "off":
+    return False
+  # auto: an explicit coordinator, a multi-task SLURM job, or a multi-worker TPU slice.
+  slurm_tasks = _env_int("SLURM_NTASKS") or 1
+  tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return bool(os.environ.get("JAXFT_COORDINATOR_ADDRESS")) or slurm_tasks > 1 or "," in tpu_workers
+
+
+def initialize_distributed(mode: str, coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None) -> None:
+  """Starts jax.distributed when asked (or, in auto mode, when the environment says so).
+
+  Arguments left unset come from JAXFT_COORDINATOR_ADDRESS, JAXFT_NUM_PROCESSES and
+  JAXFT_PROCESS_ID; when those are unset too, JAX detects SLURM and Cloud TPU by itself.
+  """
+  if not wants_distributed(mode) or _distributed_started():
+    return
+  coordinator_address = coordinator_address or os.environ.get("JAXFT_COORDINATOR_ADDRESS")
+  num_processes = num_processes if num_processes is not None else _env_int("JAXFT_NUM_PROCESSES")
+  process_id = process_id if process_id is not None else _env_int("JAXFT_PROCESS_ID")
+  # CPU processes need a collectives implementation; GPU and TPU backends ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  except (RuntimeError, ValueError) as e:
+    fail(f"cannot start jax.distributed (coordinator {coordinator_address}, {num_processes} "
+         f"processes, this is {process_id}): {e}; check the coordinator address and that every "
+         "process was started")
+
+
+def _distributed_started() -> bool:
+  try:
+    from jax._src import distributed
+    return distributed.global_state.client is not None
+  except Exception:  # private API moved: assume not started
+    return False
+
+
+def check_shared_directory(directory: str) -> None:
+  """Every process must see the same checkpoint directory (a shared file system)."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  os.makedirs(directory, exist_ok=True)
+  marker = os.path.join(directory, f".jaxft-host-{jax.process_index()}")
+  with open(marker, "w") as f:
+    f.write("ok")
+  multihost_utils.sync_global_devices("jaxft: markers written")
+  missing = [i for i in range(jax.process_count())
+             if not os.path.exists(os.path.join(directory, f".jaxft-host-{i}"))]
+  multihost_utils.sync_global_devices("jaxft: markers checked")
+  os.remove(marker)
+  if missing:
+    fail(f"{directory} is not shared by all hosts (process {jax.process_index()} cannot see "
+         f"the files of processes {missing}); put --workdir on a file system every host mounts")

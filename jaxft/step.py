@@ -8,7 +8,7 @@ state. Full fine-tuning is the case `frozen == {}`.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,14 @@ def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dic
 
 
 def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int):
+                    schedule: optax.Schedule, grad_accum_steps: int,
+                    reduce_axis: Optional[str] = None):
   """Returns train_step(state, frozen, batch) -> (state, metrics); jit it with donation.
+
+  Under `jax.pmap`, pass the mapped axis name as `reduce_axis`: the summed losses, weights and
+  gradients of every device are then added up with `lax.psum` before dividing, which gives the
+  same update as one device seeing the whole batch. Under `jax.jit` the batch is one global array
+  and XLA does that reduction itself.
 
   With gradient accumulation the global batch is split into `grad_accum_steps` micro-batches that
   run one after another (lax.scan); summed losses and weights make the result the same as one pass
@@ -57,6 +63,8 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
 
   def train_step(state: dict, frozen: dict, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
+    if reduce_axis is not None:  # each pmap device draws its own dropout masks
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(reduce_axis))
     batch = {k: batch[k] for k in (*MODEL_INPUTS, "labels", "weights")}
     if grad_accum_steps == 1:
       (loss, weight), grads = loss_and_grads(state["params"], frozen, batch, rng)
@@ -73,13 +81,16 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
       (loss, weight, grads), _ = jax.lax.scan(
           accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (jnp.arange(grad_accum_steps), micro))
+    tokens = jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))
+    if reduce_axis is not None:
+      loss, weight, grads, tokens = jax.lax.psum((loss, weight, grads, tokens), reduce_axis)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state["step"]), "examples": weight,
-               "tokens": jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))}
+               "tokens": tokens}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"]}
     return new_state, metrics

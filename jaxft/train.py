@@ -106,7 +106,7 @@ def _prefetch(items: Iterator, size: int = 2) -> Iterator:
     yield item
 
 
-def _train_batches(exp, data, start_step: int, num_steps: int, spe: int) -> Iterator:
+def _train_batches(exp, trainer, data, start_step: int, num_steps: int, spe: int) -> Iterator:
   """(step, device batch) from `start_step` on; batch = f(seed, epoch, index in epoch)."""
   c = exp.config
   epoch_cache: dict[int, list] = {}
@@ -117,7 +117,7 @@ def _train_batches(exp, data, start_step: int, num_steps: int, spe: int) -> Iter
       epoch_cache[epoch] = batching.epoch_batches(
           data.lengths, c.train.batch_size, c.seed, epoch, c.data.bucket_window_batches)
     host = exp.host_batch(data, epoch_cache[epoch][index], c.train.batch_size)
-    yield step, host["input_ids"].shape[1], parallel.to_devices(host, exp.mesh)
+    yield step, host["input_ids"].shape[1], trainer.device_batch(host)
 
 
 class _Progress:
@@ -164,14 +164,19 @@ def _is_better(value: float, best: Optional[float], mode: str) -> bool:
   return best is None or (value > best if mode == "max" else value < best)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the final validation metrics."""
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the final validation metrics.
+
+  `devices` (default: all) restricts the run to some devices, e.g. one device in a test.
+  """
+  parallel.initialize_distributed(config.parallel.distributed)
   runtime.configure_jax()
   _prepare_workdir(workdir)
+  parallel.check_shared_directory(os.path.join(workdir, "checkpoints"))
   t, k = config.train, config.checkpoint
 
   # ---- data and model ----------------------------------------------------------------------
-  exp = experiment.build(config)
+  exp = experiment.build(config, devices=devices)
   train_data = exp.train_data
   val_data = exp.load_split("validation") if config.data.validation_file else None
   config.unlock()
@@ -217,7 +222,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     else:
       evals_since_best += 1
 
-  train_step = exp.jit_train_step(tx, schedule, abstract)
+  trainer = exp.trainer(tx, schedule, abstract)
+  state = trainer.place(state)
   eval_step = exp.jit_eval_step()
   frozen = exp.frozen()
 
@@ -235,8 +241,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   pending, last_log, shapes_seen = [], time.perf_counter(), set()
   eval_metrics: Optional[dict] = None
   stopped_early = False
-  for step, width, batch in _prefetch(_train_batches(exp, train_data, start, num_steps, spe)):
-    state, step_metrics = train_step(state, frozen, batch)
+  for step, width, batch in _prefetch(_train_batches(exp, trainer, train_data, start, num_steps, spe)):
+    state, step_metrics = trainer.step(state, frozen, batch)
     pending.append(step_metrics)
     shapes_seen.add(width)
     done = step + 1
@@ -253,7 +259,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     evaluated = None
     if val_data is not None and (done % eval_every == 0 or done == num_steps):
       eval_start = time.perf_counter()
-      evaluated = exp.evaluate(eval_step, state["params"], val_data)
+      evaluated = exp.evaluate(eval_step, trainer.params(state), val_data)
       evaluated["eval_seconds"] = time.perf_counter() - eval_start
       eval_metrics = evaluated
       writer.write(done, "validation", evaluated)
@@ -268,18 +274,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     stop = (t.early_stopping_patience and evaluated is not None
             and evals_since_best >= t.early_stopping_patience)
     if done % save_every == 0 or done == num_steps or stop or evaluated is not None:
-      ckpts.save(done, state, meta_for(done, evaluated), metrics=evaluated)
+      ckpts.save(done, trainer.savable(state), meta_for(done, evaluated), metrics=evaluated)
     if stop:
       progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
                      f"{evals_since_best} evaluations (best {best:.4f})")
       stopped_early = True
       break
   progress.close()
+  ckpts.wait()
+  best_step = ckpts.best_step()  # every process: orbax calls may synchronise the hosts
   ckpts.close()
   writer.close()
   if jax.process_index() == 0:
-    best_step = Checkpoints(workdir, k, read_only=True).best_step()
-    print(f"done: step {num_steps if not stopped_early else done}, best checkpoint step "
+    print(f"done: step {done if stopped_early else num_steps}, best checkpoint step "
           f"{best_step} ({k.best_metric}={best})", flush=True)
   return eval_metrics or {}
 

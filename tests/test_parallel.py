@@ -1,0 +1,126 @@
+"""Device layouts give the same training: 1 device, data/FSDP/tensor meshes, pmap, 2 processes.
+
+Each check runs in a subprocess, because the number of CPU devices is fixed when JAX starts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxft.metrics import read_metrics
+from tests.conftest import REPO
+
+LAYOUTS = ["one:jit:1", "dp8:jit:8:data=8", "dp2fsdp4:jit:8:data=2,fsdp=4",
+           "dp4tp2:jit:8:data=4,tensor=2", "pmap8:pmap:8:data=8"]
+
+
+def _max_relative_difference(a, b):
+  a, b = np.asarray(a), np.asarray(b)
+  assert a.shape == b.shape
+  return float(np.max(np.abs(a - b) / np.abs(a)))
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, tiny_model_dir, sentiment_files):
+  out = tmp_path_factory.mktemp("layouts")
+  cmd = [sys.executable, os.path.join(REPO, "tests", "parallel_losses.py"),
+         f"--model={tiny_model_dir}", f"--train={sentiment_files[0]}",
+         f"--dev={sentiment_files[1]}", f"--out={out}/results.json", f"--workdir={out}",
+         "--steps=36", "--memory", *[f"--layout={l}" for l in LAYOUTS],
+         "--eval_layouts=e1:jit:1", "--eval_layouts=e8:jit:8:data=8"]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out / "results.json") as f:
+    return json.load(f)
+
+
+def test_every_layout_logs_the_same_losses(layout_runs):
+  reference = layout_runs["one"]["losses"]
+  assert len(reference) == 36
+  for name in ("dp8", "dp2fsdp4", "dp4tp2", "pmap8"):
+    assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
+    assert abs(layout_runs[name]["accuracy"] - layout_runs["one"]["accuracy"]) <= 1e-3, name
+
+
+def test_checkpoints_restore_on_other_meshes_with_identical_metrics(layout_runs):
+  # The data=2,fsdp=4 checkpoint evaluated on 1 device and on data=8 (and so for every layout).
+  for name, run in layout_runs.items():
+    if name == "memory":
+      continue
+    for eval_name, metrics in run["evals"].items():
+      assert metrics["accuracy"] == pytest.approx(run["accuracy"], abs=1e-9), (name, eval_name)
+    e1, e8 = run["evals"]["e1"], run["evals"]["e8"]
+    assert e1["loss"] == pytest.approx(e8["loss"], rel=1e-6)
+
+
+def test_fsdp_shards_large_kernels_and_cuts_state_memory(layout_runs):
+  memory = layout_runs["memory"]
+  dp, fsdp, tp = memory["data8"], memory["data2_fsdp4"], memory["data4_tensor2"]
+  assert dp["kernel_shard_shape"] == dp["kernel_shape"] == [32, 64]  # replicated
+  assert fsdp["kernel_shard_shape"] == [8, 64] and "fsdp" in fsdp["kernel_spec"]
+  assert fsdp["adam_mu_shard_shape"] == [8, 64]  # optimizer moments follow their parameter
+  assert tp["kernel_shard_shape"] == [32, 32] and "tensor" in tp["kernel_spec"]
+  # Almost all of the tiny model is sharded 4 ways: per-device state bytes fall about 4x.
+  assert fsdp["state_bytes_per_device"] < 0.3 * dp["state_bytes_per_device"]
+
+
+def _tiny_config_file(path, model_dir, train_file, dev_file):
+  path.write_text(f'''
+from jaxft.config import base_config
+def get_config():
+  c = base_config()
+  c.model.name_or_path = {model_dir!r}
+  c.model.pooling = "mean"
+  c.data.train_file, c.data.validation_file = {train_file!r}, {dev_file!r}
+  c.data.max_seq_length = 64
+  c.train.batch_size = 16
+  c.train.eval_batch_size = 32
+  c.train.learning_rate = 3e-3
+  c.train.warmup_ratio = 0.0
+  c.train.num_train_steps = 24
+  c.train.log_every = 1
+  c.lock()
+  return c
+''')
+  return str(path)
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir, sentiment_files):
+  config = _tiny_config_file(tmp_path / "tiny.py", tiny_model_dir, *sentiment_files)
+  env = dict(os.environ, JAXFT_PORT=str(30000 + os.getpid() % 10000))
+  runs = {}
+  for name, procs, devices in (("two_by_four", "2", "4"), ("one_by_eight", "1", "8")):
+    workdir = str(tmp_path / name)
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), procs, devices,
+                             f"--config={config}", f"--workdir={workdir}"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs[name] = workdir
+  losses = {n: [r["loss"] for r in read_metrics(w, "train")] for n, w in runs.items()}
+  assert len(losses["two_by_four"]) == 24
+  assert _max_relative_difference(losses["one_by_eight"], losses["two_by_four"]) < 1e-4
+  assert sorted(os.listdir(os.path.join(runs["two_by_four"], "checkpoints"))) == ["24"]
+
+  # The two-process checkpoint, evaluated by one process on one device.
+  trained = read_metrics(runs["two_by_four"], "validation")[-1]
+  result = subprocess.run([sys.executable, "-m", "jaxft.evaluate",
+                           f"--workdir={runs['two_by_four']}", "--checkpoint=latest"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(runs["two_by_four"], "eval", "validation-step24.json")) as f:
+    evaluated = json.load(f)["metrics"]
+  for key in ("accuracy", "macro_f1", "mcc"):
+    assert evaluated[key] == pytest.approx(trained[key], abs=1e-6), key
+  assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+
+
+def test_launcher_fails_when_a_process_fails(tmp_path):
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "local.sh"), "2", "1",
+                           "--config=configs/nope.py", f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert result.returncode != 0
