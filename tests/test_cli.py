@@ -105,3 +105,14 @@ def test_workdir_that_cannot_be_created(train_args, tmp_path):
   blocker.write_text("x")
   args = [a for a in train_args if not a.startswith("--workdir")] + [f"--workdir={blocker}/run"]
   _assert_user_error(_run("jaxft.train", *args), "is not writable")
+
+
+def test_mesh_larger_than_the_device_count(train_args):
+  _assert_user_error(_run("jaxft.train", *train_args, "--config.parallel.mesh.data=4"),
+                     "needs 4 devices but 1 are available")
+
+
+def test_global_batch_not_divisible_by_the_data_parallel_size(train_args, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  _assert_user_error(_run("jaxft.train", *train_args, "--config.train.batch_size=12"),
+                     "train.batch_size=12 is not divisible by the data-parallel size 8")
