@@ -8,6 +8,7 @@ and ml_collections' type safety rejects a value of the wrong type.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import ml_collections
@@ -81,6 +82,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   c.train.compute_dtype = "float32"
+
+  c.optimizer = ml_collections.ConfigDict()
+  # Per-parameter multipliers as first-match (regex over parameter paths, multiplier) rules;
+  # parameters no rule matches get 1. Weight decay is never applied to biases and LayerNorm.
+  c.optimizer.lr_rules = ()
+  c.optimizer.weight_decay_rules = ()
+  # Layer-wise learning-rate decay: encoder layer i of N gets factor ** (N - 1 - i), the
+  # embeddings factor ** N, the head 1. 1.0 = off; 0.8-0.95 is common for BERT fine-tuning.
+  c.optimizer.layer_lr_decay = 1.0
+
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = "none"  # none | lora | bitfit | freeze
+  # First-match (regex over parameter paths, trainable?) rules, checked before the method's own.
+  c.peft.trainable_rules = ()
+  c.peft.train_head = True
+  c.peft.head_pattern = r"(classifier|pre_classifier)/.*"
+  c.peft.lora = ml_collections.ConfigDict()
+  c.peft.lora.rank = 8
+  c.peft.lora.alpha = 16.0
+  c.peft.lora.dropout = 0.0
+  c.peft.lora.use_rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
+  # Regex over kernel paths, or "all-linear" (every Dense kernel but the head).
+  c.peft.lora.targets = r".*attention/self/(query|value)/kernel"
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 0  # steps between saves; 0 = at every evaluation (and at the end)
@@ -165,6 +189,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive("train.log_every", t.log_every)
   _non_negative("train.early_stopping_patience", t.early_stopping_patience)
   _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)
+
+  _one_of("peft.method", c.peft.method, ("none", "lora", "bitfit", "freeze"))
+  _positive("peft.lora.rank", c.peft.lora.rank)
+  _positive("peft.lora.alpha", c.peft.lora.alpha)
+  _check(0.0 <= c.peft.lora.dropout < 1.0, "config peft.lora.dropout must be in [0, 1)")
+  for key in ("peft.trainable_rules", "optimizer.lr_rules", "optimizer.weight_decay_rules"):
+    section, name = key.split(".")
+    for rule in c[section][name]:
+      _check(len(rule) == 2 and isinstance(rule[0], str),
+             f"config {key} entry {rule!r} must be a (regex, value) pair")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        fail(f"config {key} pattern {rule[0]!r} is not a valid regex: {e}")
+  _check(0.0 < c.optimizer.layer_lr_decay <= 1.0, "config optimizer.layer_lr_decay must be in (0, 1]")
 
   k = c.checkpoint
   _non_negative("checkpoint.save_every", k.save_every)

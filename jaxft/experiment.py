@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from jaxft import config as config_lib
 from jaxft import metrics as metrics_lib
-from jaxft import models, optim, parallel, step as step_lib
+from jaxft import models, optim, parallel, peft, step as step_lib
 from jaxft.data import batching
 from jaxft.data.encode import Encoded, read_split
 from jaxft.errors import fail
@@ -32,7 +32,11 @@ class Experiment:
   model: models.Model
   mesh: jax.sharding.Mesh
   buckets: tuple[int, ...]
+  trainable_init: dict  # the initial trainable tree (all params, or LoRA factors + head, ...)
+  frozen_init: dict  # the rest of the pretrained params: never differentiated or checkpointed
+  logits: Callable  # (params, batch, rng, train) -> logits over the combined tree
   train_data: Optional[Encoded] = None
+  _frozen_on_devices: Optional[dict] = None
 
   # ---- data -------------------------------------------------------------------------------
   def split_path(self, split: str) -> str:
@@ -61,12 +65,18 @@ class Experiment:
 
   # ---- state ------------------------------------------------------------------------------
   def optimizer(self, total_steps: int):
-    return optim.make_optimizer(self.config.train, self.model.params, total_steps)
+    num_layers = int(getattr(self.model.hf_config, "num_hidden_layers", 0) or 0)
+    return optim.make_optimizer(self.config, self.trainable_init, total_steps, num_layers)
+
+  def param_counts(self) -> dict:
+    trainable = models.count_params(self.trainable_init)
+    return {"trainable": trainable, "total": trainable + models.count_params(self.frozen_init),
+            "frozen": models.count_params(self.frozen_init)}
 
   def abstract_state(self, tx) -> dict:
     """Shapes, dtypes and shardings of the train state, computed without allocating it."""
     shapes = jax.eval_shape(lambda p: step_lib.init_state(p, tx, self.config.seed),
-                            self.model.params)
+                            self.trainable_init)
     shardings = parallel.state_shardings(shapes, self.mesh, self.config.parallel.param_rules)
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -75,13 +85,19 @@ class Experiment:
     """The initial state, created directly with its shardings."""
     abstract = self.abstract_state(tx)
     shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract)
-    params = jax.device_put(self.model.params, shardings["params"])
+    params = jax.device_put(self.trainable_init, shardings["params"])
     init = jax.jit(lambda p: step_lib.init_state(p, tx, self.config.seed),
                    out_shardings=shardings)
     return init(params)
 
   def frozen(self) -> dict:
-    return {}
+    """The frozen parameters on the devices, laid out by the same sharding rules (cached)."""
+    if self._frozen_on_devices is None:
+      shapes = jax.eval_shape(lambda f: f, self.frozen_init)
+      shardings = parallel.state_shardings({"frozen": shapes}, self.mesh,
+                                           self.config.parallel.param_rules)["frozen"]
+      self._frozen_on_devices = jax.device_put(self.frozen_init, shardings)
+    return self._frozen_on_devices
 
   # ---- steps ------------------------------------------------------------------------------
   def trainer(self, tx, schedule, abstract_state: dict) -> "Trainer":
@@ -91,7 +107,7 @@ class Experiment:
     return JitTrainer(self, tx, schedule, abstract_state)
 
   def jit_eval_step(self):
-    return jax.jit(step_lib.make_eval_step(self.model.logits),
+    return jax.jit(step_lib.make_eval_step(self.logits),
                    out_shardings=parallel.batch_sharding(self.mesh))
 
   # ---- evaluation -------------------------------------------------------------------------
@@ -120,8 +136,7 @@ class JitTrainer:
 
   def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
     self.exp = exp
-    fn = step_lib.make_train_step(exp.model.logits, tx, schedule,
-                                  exp.config.train.grad_accum_steps)
+    fn = step_lib.make_train_step(exp.logits, tx, schedule, exp.config.train.grad_accum_steps)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._step = jax.jit(
         fn, in_shardings=(self.state_shardings, parallel.replicated(exp.mesh),
@@ -151,12 +166,12 @@ class PmapTrainer:
 
   def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
     self.exp = exp
-    fn = step_lib.make_train_step(exp.model.logits, tx, schedule,
-                                  exp.config.train.grad_accum_steps,
+    fn = step_lib.make_train_step(exp.logits, tx, schedule, exp.config.train.grad_accum_steps,
                                   reduce_axis=parallel.PMAP_AXIS)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
-    self._step = jax.pmap(fn, axis_name=parallel.PMAP_AXIS, in_axes=(0, None, 0),
+    self._step = jax.pmap(fn, axis_name=parallel.PMAP_AXIS, in_axes=(0, 0, 0),
                           donate_argnums=(0,))
+    self._frozen = None
 
   def place(self, state: dict) -> dict:
     return parallel.replicate(state)
@@ -165,7 +180,9 @@ class PmapTrainer:
     return parallel.to_pmap_devices(host_batch)
 
   def step(self, state: dict, frozen: dict, batch: dict):
-    state, metrics = self._step(state, frozen, batch)
+    if self._frozen is None:  # replicated once, then reused by every step
+      self._frozen = parallel.replicate(frozen)
+    state, metrics = self._step(state, self._frozen, batch)
     return state, jax.tree_util.tree_map(lambda m: m[0], metrics)  # identical on every device
 
   def savable(self, state: dict) -> dict:
@@ -211,13 +228,21 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   model = models.load_classifier(model_dir, label_names, config.model.pooling, config.seed,
                                  config.train.compute_dtype, config.model.trust_remote_code)
   _check_model_fits(config, tokenizer, model)
+  trainable, frozen = peft.split_params(model.params, peft.trainable_rules(config.peft),
+                                        config.peft.method)
+  logits = model.logits
+  if config.peft.method == "lora":
+    lora = peft.init_lora(frozen, config.peft.lora, config.peft.head_pattern, config.seed)
+    trainable = {**trainable, peft.LORA_KEY: lora}
+    logits = peft.with_lora(model.logits, peft.lora_scale(config.peft.lora),
+                            config.peft.lora.dropout)
   mesh = parallel.make_mesh(dict(config.parallel.mesh), devices)
   parallel.check_batch_size("train.batch_size", config.train.batch_size // 
                             config.train.grad_accum_steps, mesh)
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)
   buckets = batching.bucket_lengths(config.data.max_seq_length, tuple(config.data.bucket_lengths))
   return Experiment(config, model_dir, tokenizer, tuple(label_names), model, mesh, buckets,
-                    train_data)
+                    trainable, frozen, logits, train_data)
 
 
 def _check_model_fits(config, tokenizer, model: models.Model) -> None:

@@ -98,6 +98,10 @@ def _init_missing(shapes: dict, loaded: dict, seed: int, std: float) -> dict:
   """Loaded parameters plus fresh ones (e.g. a new task head) for every leaf the file lacks."""
   flat_shapes = traverse_util.flatten_dict(shapes)
   flat_loaded = traverse_util.flatten_dict(loaded)
+  if flat_loaded and len(set(flat_shapes) & set(flat_loaded)) < len(flat_shapes) // 2:
+    fail("the weights file matches fewer than half of the model's parameters (file: "
+         f"{['/'.join(k) for k in list(flat_loaded)[:2]]}, model: "
+         f"{['/'.join(k) for k in list(flat_shapes)[:2]]}); does config.json fit the weights?")
   rng = np.random.default_rng(seed)
   out = {}
   for path, shape in flat_shapes.items():
@@ -230,9 +234,13 @@ def _read_weights(path: str, from_pt: bool, prefix: str, shapes: dict) -> dict:
 
 
 def _strip_prefix(loaded: dict, prefix: str, shapes: dict) -> dict:
-  """Base-model checkpoints loaded into a base class may carry the prefix level; align them."""
+  """Aligns the base-model prefix level ("bert", ...) between a checkpoint and the model: a
+  model-with-head checkpoint loaded into a base class drops it, a base checkpoint loaded into a
+  class with a head gains it."""
   if prefix in loaded and prefix not in shapes:
     return loaded[prefix]
+  if prefix in shapes and prefix not in loaded:
+    return {prefix: loaded}
   return loaded
 
 

@@ -168,12 +168,12 @@ def to_pmap_devices(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def replicate(tree: Any) -> Any:
-  """`tree` stacked once per local device (pmap layout: leading device axis).
-
-  Host arrays: the pmapped step moves them onto the devices on its first call.
-  """
-  n = jax.local_device_count()
-  return jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * n), jax.device_get(tree))
+  """A copy of `tree` on every local device, stacked on a leading axis (the pmap layout)."""
+  devices = jax.local_devices()
+  sharding = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+  return jax.tree_util.tree_map(
+      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding),
+      jax.device_get(tree))
 
 
 def unreplicate(tree: Any) -> Any:

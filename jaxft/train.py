@@ -31,7 +31,8 @@ from jaxft.metrics import MetricWriter, read_metrics
 
 # Config keys a resumed run must share with the run that wrote the workdir's checkpoints.
 _RESUME_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "data.text_fields",
-                "data.label_field", "train.batch_size", "seed")
+                "data.label_field", "train.batch_size", "seed", "peft.method",
+                "peft.trainable_rules", "peft.lora.rank", "peft.lora.targets")
 
 
 def _lookup(c, dotted: str):
@@ -72,10 +73,10 @@ def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int
     return
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
-  total = models.count_params(exp.model.params)
   info = {"jaxft_version": __version__, "model_dir": exp.model_dir,
           "model_fingerprint": fingerprint, "label_names": list(exp.label_names),
-          "params": {"total": total, "trainable": total}, "num_train_steps": num_steps,
+          "params": exp.param_counts(), "peft_method": config.peft.method,
+          "num_train_steps": num_steps,
           "train_examples": len(exp.train_data), "devices": jax.device_count(),
           "processes": jax.process_count(), "mesh": dict(exp.mesh.shape),
           "bucket_lengths": list(exp.buckets)}
@@ -196,7 +197,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   _check_resume_compatible(workdir, config, exp, ckpts)
   fingerprint = models.fingerprint(exp.model_dir)
   latest = ckpts.latest_step()
-  progress_log = []
+  counts = exp.param_counts()
+  progress_log = [f"parameters: {counts['trainable']:,} trainable of {counts['total']:,} "
+                  f"({100 * counts['trainable'] / counts['total']:.2f}%), "
+                  f"peft.method={config.peft.method}"]
   if latest is not None:
     state, meta = ckpts.restore(latest, abstract)
     if meta["base_model"]["fingerprint"] != fingerprint:
@@ -250,6 +254,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       now = time.perf_counter()
       summary = _summarise(pending, now - last_log)
       summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
+      summary["trainable_params"], summary["total_params"] = counts["trainable"], counts["total"]
       pending, last_log = [], now
       writer.write(done, "train", summary)
       progress.update(loss=f"{summary['loss']:.4f}", ex_s=f"{summary['examples_per_sec']:.1f}")
