@@ -53,10 +53,21 @@ def tiny_model_dir(tmp_path_factory, minilm_dir):
   config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-  FlaxBertModel(config, seed=0).save_pretrained(out)
+  model = FlaxBertModel(config, seed=0)
+  model.save_pretrained(out)
+  _save_pytorch_layout(model.params, os.path.join(out, "model.safetensors"))
   for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
     shutil.copy(os.path.join(minilm_dir, name), out)
   return str(out)
+
+
+def _save_pytorch_layout(params, path):
+  """A BERT base model's weights as PyTorch would save them (for torch/peft interop tests)."""
+  from flax import traverse_util
+  from safetensors.numpy import save_file
+  from jaxft.export import to_pytorch_names
+  names = to_pytorch_names(traverse_util.flatten_dict(params))
+  save_file({f"bert.{k}": v for k, v in names.items()}, path, metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="session")
