@@ -90,13 +90,15 @@ class Experiment:
                    out_shardings=shardings)
     return init(params)
 
+  def frozen_shardings(self) -> dict:
+    shapes = jax.eval_shape(lambda f: f, self.frozen_init)
+    return parallel.state_shardings({"frozen": shapes}, self.mesh,
+                                    self.config.parallel.param_rules)["frozen"]
+
   def frozen(self) -> dict:
     """The frozen parameters on the devices, laid out by the same sharding rules (cached)."""
     if self._frozen_on_devices is None:
-      shapes = jax.eval_shape(lambda f: f, self.frozen_init)
-      shardings = parallel.state_shardings({"frozen": shapes}, self.mesh,
-                                           self.config.parallel.param_rules)["frozen"]
-      self._frozen_on_devices = jax.device_put(self.frozen_init, shardings)
+      self._frozen_on_devices = jax.device_put(self.frozen_init, self.frozen_shardings())
     return self._frozen_on_devices
 
   # ---- steps ------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ class JitTrainer:
     fn = step_lib.make_train_step(exp.logits, tx, schedule, exp.config.train.grad_accum_steps)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._step = jax.jit(
-        fn, in_shardings=(self.state_shardings, parallel.replicated(exp.mesh),
+        fn, in_shardings=(self.state_shardings, exp.frozen_shardings(),
                           parallel.batch_sharding(exp.mesh)),
         out_shardings=(self.state_shardings, parallel.replicated(exp.mesh)),
         donate_argnums=(0,))

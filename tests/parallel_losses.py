@@ -3,7 +3,7 @@
 Run as a script: it must set the CPU device count before JAX starts.
   python tests/parallel_losses.py --model=DIR --train=F --dev=F --out=OUT.json \
       --layout=one:jit:1 --layout=dp8:jit:8:data=8 --layout=pmap8:pmap:8:data=8 ...
-A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]. With --eval_layouts, each run's checkpoint is
+A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]; a NAME starting with "lora" trains LoRA. With --eval_layouts, each run's checkpoint is
 also evaluated on every layout given there (restore on another mesh).
 """
 
@@ -32,8 +32,9 @@ def parse_layout(text):
   return name, mode, int(ndev), mesh
 
 
-def tiny_config(args, mode, mesh, steps):
+def tiny_config(args, mode, mesh, steps, peft_method="none"):
   c = base_config()
+  c.peft.method = peft_method
   c.model.name_or_path = args.model
   c.model.pooling = "mean"
   c.data.train_file, c.data.validation_file = args.train, args.dev
@@ -72,7 +73,7 @@ def memory_report(args):
     tx, _ = exp.optimizer(1)
     state = exp.init_state(tx)
     kernel = state["params"]["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"]
-    mu = state["opt_state"][1][0].mu["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
+    mu = state["opt_state"][1].mu["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
     report[name] = {"state_bytes_per_device": state_bytes_per_device(state),
                     "kernel_shape": list(kernel.shape),
                     "kernel_shard_shape": list(kernel.addressable_shards[0].data.shape),
@@ -95,7 +96,9 @@ def main():
     name, mode, ndev, mesh = parse_layout(text)
     workdir = os.path.join(args.workdir, name)
     devices = jax.devices()[:ndev]
-    final = train.train_and_evaluate(tiny_config(args, mode, mesh, args.steps), workdir, devices)
+    method = "lora" if name.startswith("lora") else "none"  # e.g. --layout=lora_fsdp:jit:8:...
+    final = train.train_and_evaluate(tiny_config(args, mode, mesh, args.steps, method), workdir,
+                                     devices)
     entry = {"losses": [r["loss"] for r in read_metrics(workdir, "train")],
              "accuracy": final["accuracy"], "evals": {}}
     for eval_text in args.eval_layouts:

@@ -15,7 +15,8 @@ from jaxft.metrics import read_metrics
 from tests.conftest import REPO
 
 LAYOUTS = ["one:jit:1", "dp8:jit:8:data=8", "dp2fsdp4:jit:8:data=2,fsdp=4",
-           "dp4tp2:jit:8:data=4,tensor=2", "pmap8:pmap:8:data=8"]
+           "dp4tp2:jit:8:data=4,tensor=2", "pmap8:pmap:8:data=8",
+           "lora_one:jit:1", "lora_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2", "lora_pmap:pmap:8:data=8"]
 
 
 def _max_relative_difference(a, b):
@@ -44,6 +45,13 @@ def test_every_layout_logs_the_same_losses(layout_runs):
   for name in ("dp8", "dp2fsdp4", "dp4tp2", "pmap8"):
     assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
     assert abs(layout_runs[name]["accuracy"] - layout_runs["one"]["accuracy"]) <= 1e-3, name
+
+
+def test_lora_trains_the_same_under_every_parallel_mode(layout_runs):
+  reference = layout_runs["lora_one"]["losses"]
+  assert _max_relative_difference(reference, layout_runs["one"]["losses"]) > 1e-3  # it is LoRA
+  for name in ("lora_fsdp_tp", "lora_pmap"):
+    assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
 
 
 def test_checkpoints_restore_on_other_meshes_with_identical_metrics(layout_runs):

@@ -9,6 +9,7 @@ CSV files keep standard quoting so that a quoted field may hold commas.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -18,6 +19,7 @@ from jaxft.errors import fail
 
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
+logging.getLogger("datasets").setLevel(logging.ERROR)
 
 _EXTENSION_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl",
                       ".parquet": "parquet"}
