@@ -97,10 +97,30 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      meta=ocp.args.JsonRestore()))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        meta=ocp.args.JsonRestore()))
+    except ValueError as e:
+      if "do not match" not in str(e):
+        raise
+      fail(f"checkpoint step {step} in {self._manager.directory} does not fit this run's state "
+           "(another config or jaxft version wrote it); use a new --workdir. "
+           f"Detail: {' '.join(str(e).split())[:300]}")
     return restored["state"], restored["meta"]
+
+  def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
+    """Restores only the parameters (evaluation, export): no optimizer state is read, so this
+    works whatever optimizer wrote the checkpoint. Use it on a Checkpoints object of its own
+    (orbax binds one handler per item and manager)."""
+    item = {"params": abstract_params}
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+    return restored["state"]["params"], restored["meta"]
 
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(

@@ -52,13 +52,13 @@ def restore_for_eval(workdir: str, which: str, devices=None, mesh: Optional[dict
   exp = experiment.build(config, read_train=False, devices=devices)
   ckpts = Checkpoints(workdir, config.checkpoint, read_only=True)
   step = ckpts.resolve(which)
-  tx, _ = exp.optimizer(max(step, 1))  # only shapes matter for restoring
-  state, meta = ckpts.restore(step, exp.abstract_state(tx))
+  tx, _ = exp.optimizer(1)  # only the parameters' shapes and shardings are used
+  params, meta = ckpts.restore_params(step, exp.abstract_state(tx)["params"])
   fingerprint = models.fingerprint(exp.model_dir)
   if meta["base_model"]["fingerprint"] != fingerprint:
     fail(f"checkpoint step {step} was trained from a different base model than "
          f"{exp.model_dir} (fingerprint {meta['base_model']['fingerprint']} vs {fingerprint})")
-  return exp, step, state["params"]
+  return exp, step, params
 
 
 def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validation",
