@@ -126,6 +126,10 @@ class Checkpoints:
     return self._manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process at the step where JAX's preemption sync says to save (multi-host)."""
+    return self._manager.reached_preemption(step)
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

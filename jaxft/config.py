@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   c.train.compute_dtype = "float32"
+  # A step whose loss or gradient is not finite changes nothing; then "stop" ends training with
+  # an error naming the step (checkpoints keep the last good state), "skip" goes on.
+  c.train.nonfinite = "stop"
 
   c.optimizer = ml_collections.ConfigDict()
   # Per-parameter multipliers as first-match (regex over parameter paths, multiplier) rules;
@@ -189,6 +192,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _positive("train.log_every", t.log_every)
   _non_negative("train.early_stopping_patience", t.early_stopping_patience)
   _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)
+  _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
 
   _one_of("peft.method", c.peft.method, ("none", "lora", "bitfit", "freeze"))
   _positive("peft.lora.rank", c.peft.lora.rank)

@@ -88,9 +88,16 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss / denom, "grad_norm": optax.tree.norm(grads),
+    # A non-finite loss or gradient leaves parameters and optimizer state as they were (the
+    # select fuses into the elementwise update); the loop then stops or skips (train.nonfinite).
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree_util.tree_map(keep_if_finite, params, state["params"])
+    opt_state = jax.tree_util.tree_map(keep_if_finite, opt_state, state["opt_state"])
+    metrics = {"loss": loss / denom, "grad_norm": grad_norm,
                "learning_rate": schedule(state["step"]), "examples": weight,
-               "tokens": tokens}
+               "tokens": tokens, "finite": finite}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"]}
     return new_state, metrics

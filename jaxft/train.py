@@ -13,6 +13,7 @@ import json
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -148,9 +149,51 @@ class _Progress:
       self.bar.close()
 
 
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the command again
+
+
+class _PreemptionWatch:
+  """Notes SIGTERM/SIGINT instead of dying, so the loop can save the current step first.
+
+  With several processes, JAX's own preemption sync (orbax `reached_preemption`) makes every
+  process agree on the step; the local flag is used by a single process only.
+  """
+
+  def __init__(self):
+    self.signal: Optional[int] = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._note)
+
+  def _note(self, signum, frame) -> None:
+    del frame
+    self.signal = signum
+
+  def requested(self, ckpts: Checkpoints, step: int) -> bool:
+    if jax.process_count() > 1:
+      return ckpts.reached_preemption(step)
+    return self.signal is not None
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_finite(pending: list, policy: str) -> int:
+  """The number of non-finite steps among `pending` [(step, metrics)]; an error under "stop"."""
+  flags = jax.device_get([m["finite"] for _, m in pending])
+  bad = [step for (step, _), ok in zip(pending, flags) if not ok]
+  if bad and policy == "stop":
+    fail(f"the loss or gradient is not finite at step {bad[0]}; training stopped and the last "
+         "good checkpoint is kept (that step changed nothing). Lower train.learning_rate, "
+         "check the data, or set train.nonfinite=skip to skip such steps")
+  return len(bad)
+
+
 def _summarise(pending: list, seconds: float) -> dict:
   """Averages the device metrics of the steps since the last log (one device-to-host pull)."""
-  host = jax.device_get(pending)
+  host = jax.device_get([m for _, m in pending])
   examples = sum(float(m["examples"]) for m in host)
   tokens = sum(float(m["tokens"]) for m in host)
   return {
@@ -158,6 +201,7 @@ def _summarise(pending: list, seconds: float) -> dict:
       "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
       "learning_rate": float(host[-1]["learning_rate"]),
       "examples_per_sec": examples / seconds, "tokens_per_sec": tokens / seconds,
+      "skipped_steps": sum(1 for m in host if not m["finite"]),
   }
 
 
@@ -244,47 +288,71 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     progress.write(line)
   pending, last_log, shapes_seen = [], time.perf_counter(), set()
   eval_metrics: Optional[dict] = None
-  stopped_early = False
-  for step, width, batch in _prefetch(_train_batches(exp, trainer, train_data, start, num_steps, spe)):
-    state, step_metrics = trainer.step(state, frozen, batch)
-    pending.append(step_metrics)
-    shapes_seen.add(width)
-    done = step + 1
-    if done % t.log_every == 0 or done == num_steps:
-      now = time.perf_counter()
-      summary = _summarise(pending, now - last_log)
-      summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
-      summary["trainable_params"], summary["total_params"] = counts["trainable"], counts["total"]
-      pending, last_log = [], now
-      writer.write(done, "train", summary)
-      progress.update(loss=f"{summary['loss']:.4f}", ex_s=f"{summary['examples_per_sec']:.1f}")
-    else:
-      progress.update()
+  done, stopped_early = start, False
+  preemption = _PreemptionWatch()
+  try:
+    for step, width, batch in _prefetch(
+        _train_batches(exp, trainer, train_data, start, num_steps, spe)):
+      state, step_metrics = trainer.step(state, frozen, batch)
+      done = step + 1
+      pending.append((done, step_metrics))
+      shapes_seen.add(width)
 
-    evaluated = None
-    if val_data is not None and (done % eval_every == 0 or done == num_steps):
-      eval_start = time.perf_counter()
-      evaluated = exp.evaluate(eval_step, trainer.params(state), val_data)
-      evaluated["eval_seconds"] = time.perf_counter() - eval_start
-      eval_metrics = evaluated
-      writer.write(done, "validation", evaluated)
-      progress.write(f"step {done}: validation " + ", ".join(
-          f"{name}={value:.4f}" for name, value in evaluated.items()))
-      if _is_better(evaluated[k.best_metric], best, k.best_mode):
-        best, evals_since_best = evaluated[k.best_metric], 0
+      preempted = preemption.requested(ckpts, done)
+      log_now = done % t.log_every == 0 or done == num_steps or preempted
+      eval_now = val_data is not None and (done % eval_every == 0 or done == num_steps)
+      save_now = done % save_every == 0 or done == num_steps or eval_now
+      if log_now or eval_now or save_now:
+        _check_finite(pending, t.nonfinite)  # before anything is logged, evaluated or saved
+      if log_now:
+        now = time.perf_counter()
+        summary = _summarise(pending, now - last_log)
+        summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
+        summary["trainable_params"] = counts["trainable"]
+        summary["total_params"] = counts["total"]
+        pending, last_log = [], now
+        writer.write(done, "train", summary)
+        progress.update(loss=f"{summary['loss']:.4f}",
+                        ex_s=f"{summary['examples_per_sec']:.1f}")
       else:
-        evals_since_best += 1
-      last_log = time.perf_counter()  # evaluation time is not training throughput
+        progress.update()
 
-    stop = (t.early_stopping_patience and evaluated is not None
-            and evals_since_best >= t.early_stopping_patience)
-    if done % save_every == 0 or done == num_steps or stop or evaluated is not None:
-      ckpts.save(done, trainer.savable(state), meta_for(done, evaluated), metrics=evaluated)
-    if stop:
-      progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
-                     f"{evals_since_best} evaluations (best {best:.4f})")
-      stopped_early = True
-      break
+      if preempted:  # save this step (its metrics are logged above) and leave
+        ckpts.save(done, trainer.savable(state), meta_for(done, None))
+        ckpts.close()  # waits for every pending save
+        name = signal.Signals(preemption.signal).name if preemption.signal else "preemption"
+        progress.write(f"{name}: saved a checkpoint at step {done} in "
+                       f"{checkpoint_dir(workdir)}; run the same command again to resume")
+        progress.close()
+        sys.exit(PREEMPTED_EXIT)
+
+      evaluated = None
+      if eval_now:
+        eval_start = time.perf_counter()
+        evaluated = exp.evaluate(eval_step, trainer.params(state), val_data)
+        evaluated["eval_seconds"] = time.perf_counter() - eval_start
+        eval_metrics = evaluated
+        writer.write(done, "validation", evaluated)
+        progress.write(f"step {done}: validation " + ", ".join(
+            f"{name}={value:.4f}" for name, value in evaluated.items()))
+        if _is_better(evaluated[k.best_metric], best, k.best_mode):
+          best, evals_since_best = evaluated[k.best_metric], 0
+        else:
+          evals_since_best += 1
+        last_log = time.perf_counter()  # evaluation time is not training throughput
+
+      stop = bool(t.early_stopping_patience and evaluated is not None
+                  and evals_since_best >= t.early_stopping_patience)
+      if save_now or stop:
+        ckpts.save(done, trainer.savable(state), meta_for(done, evaluated), metrics=evaluated)
+      if stop:
+        progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
+                       f"{evals_since_best} evaluations (best {best:.4f})")
+        stopped_early = True
+        break
+  finally:
+    preemption.restore()
+    ckpts.wait()  # also on errors: a save in flight must complete, never be cut off
   progress.close()
   ckpts.wait()
   best_step = ckpts.best_step()  # every process: orbax calls may synchronise the hosts

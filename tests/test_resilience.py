@@ -1,0 +1,103 @@
+"""Preemption saves and exact resume; non-finite steps change nothing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxft import experiment, train
+from jaxft.data import batching
+from jaxft.errors import UserError
+from jaxft.metrics import read_metrics
+from tests.conftest import REPO
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged(tiny_config):
+  exp = experiment.build(tiny_config)
+  tx, schedule = exp.optimizer(10)
+  trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
+  state = exp.init_state(tx)
+  before = jax.device_get(state["params"])
+  host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)
+  host["weights"] = host["weights"] * np.float32("nan")
+  state, metrics = trainer.step(state, {}, trainer.device_batch(host))
+  assert not bool(metrics["finite"]) and int(state["step"]) == 1
+  after = jax.device_get(state["params"])
+  for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_policy_stop_names_the_step_and_skip_counts():
+  pending = [(7, {"finite": jnp.asarray(True)}), (8, {"finite": jnp.asarray(False)})]
+  with pytest.raises(UserError, match="not finite at step 8"):
+    train._check_finite(pending, "stop")
+  assert train._check_finite(pending, "skip") == 1
+
+
+def _config_file(path, model_dir, train_file, dev_file, steps):
+  path.write_text(f'''
+from jaxft.config import base_config
+def get_config():
+  c = base_config()
+  c.model.name_or_path = {model_dir!r}
+  c.model.pooling = "mean"
+  c.data.train_file, c.data.validation_file = {train_file!r}, {dev_file!r}
+  c.data.max_seq_length = 64
+  c.train.batch_size = 16
+  c.train.learning_rate = 3e-3
+  c.train.num_train_steps = {steps}
+  c.train.eval_every = {steps}
+  c.train.log_every = 1
+  c.lock()
+  return c
+''')
+  return str(path)
+
+
+def test_sigterm_saves_the_current_step_and_the_rerun_ends_identical(
+    tmp_path, tiny_model_dir, sentiment_files):
+  config = _config_file(tmp_path / "cfg.py", tiny_model_dir, *sentiment_files, steps=400)
+  cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+
+  straight = str(tmp_path / "straight")
+  assert subprocess.run(cmd + [f"--workdir={straight}"], cwd=REPO, env=env,
+                        capture_output=True, timeout=600).returncode == 0
+
+  interrupted = str(tmp_path / "interrupted")
+  proc = subprocess.Popen(cmd + [f"--workdir={interrupted}"], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and len(read_metrics(interrupted, "train")) < 30:
+    time.sleep(0.2)
+  sent = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  err = out + err
+  exit_seconds = time.time() - sent
+  assert proc.returncode == train.PREEMPTED_EXIT, err[-2000:]
+  assert "SIGTERM: saved a checkpoint at step" in err
+  saved = int(err.split("saved a checkpoint at step ")[1].split()[0])
+  assert 30 <= saved < 400
+  assert str(saved) in os.listdir(os.path.join(interrupted, "checkpoints"))
+  assert exit_seconds < 60
+
+  resumed = subprocess.run(cmd + [f"--workdir={interrupted}"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resumed from step {saved}" in resumed.stderr + resumed.stdout
+  a = read_metrics(straight, "validation")[-1]
+  b = read_metrics(interrupted, "validation")[-1]
+  assert a["step"] == b["step"] == 400
+  for key in ("loss", "accuracy", "mcc"):
+    assert a[key] == b[key], key  # exact: the resumed run computed the same numbers
+  train_a = [r["loss"] for r in read_metrics(straight, "train")]
+  train_b = [r["loss"] for r in read_metrics(interrupted, "train")]
+  assert train_a == train_b
