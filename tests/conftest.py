@@ -96,3 +96,22 @@ def tiny_config(tiny_model_dir, sentiment_files):
   c.checkpoint.async_save = False
   c.lock()
   return c
+
+
+def write_config_file(path, model_dir, train_file, dev_file, **train_keys) -> str:
+  """A config file (for the command line) training the tiny model; train.* keys as given."""
+  settings = {"batch_size": 16, "eval_batch_size": 32, "learning_rate": 3e-3, "log_every": 1,
+              **train_keys}
+  lines = "".join(f"  c.train.{k} = {v!r}\n" for k, v in settings.items())
+  path.write_text(
+      "from jaxft.config import base_config\n"
+      "def get_config():\n"
+      "  c = base_config()\n"
+      f"  c.model.name_or_path = {model_dir!r}\n"
+      "  c.model.pooling = 'mean'\n"
+      f"  c.data.train_file, c.data.validation_file = {train_file!r}, {dev_file!r}\n"
+      "  c.data.max_seq_length = 64\n"
+      f"{lines}"
+      "  c.lock()\n"
+      "  return c\n")
+  return str(path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxft.metrics import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, write_config_file
 
 LAYOUTS = ["one:jit:1", "dp8:jit:8:data=8", "dp2fsdp4:jit:8:data=2,fsdp=4",
            "dp4tp2:jit:8:data=4,tensor=2", "pmap8:pmap:8:data=8",
@@ -76,29 +76,9 @@ def test_fsdp_shards_large_kernels_and_cuts_state_memory(layout_runs):
   assert fsdp["state_bytes_per_device"] < 0.3 * dp["state_bytes_per_device"]
 
 
-def _tiny_config_file(path, model_dir, train_file, dev_file):
-  path.write_text(f'''
-from jaxft.config import base_config
-def get_config():
-  c = base_config()
-  c.model.name_or_path = {model_dir!r}
-  c.model.pooling = "mean"
-  c.data.train_file, c.data.validation_file = {train_file!r}, {dev_file!r}
-  c.data.max_seq_length = 64
-  c.train.batch_size = 16
-  c.train.eval_batch_size = 32
-  c.train.learning_rate = 3e-3
-  c.train.warmup_ratio = 0.0
-  c.train.num_train_steps = 24
-  c.train.log_every = 1
-  c.lock()
-  return c
-''')
-  return str(path)
-
-
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir, sentiment_files):
-  config = _tiny_config_file(tmp_path / "tiny.py", tiny_model_dir, *sentiment_files)
+  config = write_config_file(tmp_path / "tiny.py", tiny_model_dir, *sentiment_files,
+                             warmup_ratio=0.0, num_train_steps=24)
   env = dict(os.environ, JAXFT_PORT=str(30000 + os.getpid() % 10000))
   runs = {}
   for name, procs, devices in (("two_by_four", "2", "4"), ("one_by_eight", "1", "8")):

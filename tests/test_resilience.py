@@ -16,7 +16,7 @@ from jaxft import experiment, train
 from jaxft.data import batching
 from jaxft.errors import UserError
 from jaxft.metrics import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, write_config_file
 
 
 def test_a_non_finite_step_leaves_the_state_unchanged(tiny_config):
@@ -41,29 +41,10 @@ def test_non_finite_policy_stop_names_the_step_and_skip_counts():
   assert train._check_finite(pending, "skip") == 1
 
 
-def _config_file(path, model_dir, train_file, dev_file, steps):
-  path.write_text(f'''
-from jaxft.config import base_config
-def get_config():
-  c = base_config()
-  c.model.name_or_path = {model_dir!r}
-  c.model.pooling = "mean"
-  c.data.train_file, c.data.validation_file = {train_file!r}, {dev_file!r}
-  c.data.max_seq_length = 64
-  c.train.batch_size = 16
-  c.train.learning_rate = 3e-3
-  c.train.num_train_steps = {steps}
-  c.train.eval_every = {steps}
-  c.train.log_every = 1
-  c.lock()
-  return c
-''')
-  return str(path)
-
-
 def test_sigterm_saves_the_current_step_and_the_rerun_ends_identical(
     tmp_path, tiny_model_dir, sentiment_files):
-  config = _config_file(tmp_path / "cfg.py", tiny_model_dir, *sentiment_files, steps=400)
+  config = write_config_file(tmp_path / "cfg.py", tiny_model_dir, *sentiment_files,
+                             num_train_steps=400, eval_every=400)
   cmd = [sys.executable, "-m", "jaxft.train", f"--config={config}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
 
