@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxft.errors import fail
+from jaxft.errors import UserError, fail
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -108,6 +109,41 @@ class Checkpoints:
            "(another config or jaxft version wrote it); use a new --workdir. "
            f"Detail: {' '.join(str(e).split())[:300]}")
     return restored["state"], restored["meta"]
+
+  def restore_latest_good(self, abstract_state: Any) -> tuple[Optional[int], Any, Any, list]:
+    """Restores the newest checkpoint that reads back whole, newest first.
+
+    A checkpoint cut short (killed mid-write: orbax never finalised it) is not listed at all; one
+    damaged later (truncated or missing files) fails to read and the previous one is used.
+    Returns (step or None, state, meta, one line per damaged checkpoint skipped).
+    """
+    notes = []
+    for step in sorted(self.steps(), reverse=True):
+      try:
+        state, meta = self.restore(step, abstract_state)
+        return step, state, meta, notes
+      except UserError:
+        raise
+      except Exception as e:  # tensorstore / JSON errors of a damaged checkpoint
+        reason = " ".join(str(e).split())[:200]
+        kept = self._set_aside(step)
+        notes.append(f"checkpoint step {step} is damaged ({type(e).__name__}: {reason}); "
+                     f"moved it to {kept} and using the previous one")
+    if notes:
+      fail(f"every checkpoint in {self._manager.directory} is damaged; move the folder away to "
+           "start over. " + notes[-1])
+    return None, None, None, notes
+
+  def _set_aside(self, step: int) -> str:
+    """Renames a damaged step folder (kept for inspection, never deleted) so that orbax no longer
+    lists it and the step can be saved again."""
+    import time
+    source = os.path.join(str(self._manager.directory), str(step))
+    target = os.path.join(str(self._manager.directory), f"damaged-{step}-{int(time.time())}")
+    if jax.process_index() == 0 and os.path.exists(source):
+      os.rename(source, target)
+    self._manager.reload()
+    return target
 
   def restore_params(self, step: int, abstract_params: Any) -> tuple[Any, dict]:
     """Restores only the parameters (evaluation, export): no optimizer state is read, so this

@@ -240,13 +240,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   ckpts = Checkpoints(workdir, k)
   _check_resume_compatible(workdir, config, exp, ckpts)
   fingerprint = models.fingerprint(exp.model_dir)
-  latest = ckpts.latest_step()
   counts = exp.param_counts()
   progress_log = [f"parameters: {counts['trainable']:,} trainable of {counts['total']:,} "
                   f"({100 * counts['trainable'] / counts['total']:.2f}%), "
                   f"peft.method={config.peft.method}"]
+  latest, state, meta, damaged = ckpts.restore_latest_good(abstract)
+  progress_log.extend(damaged)
   if latest is not None:
-    state, meta = ckpts.restore(latest, abstract)
     if meta["base_model"]["fingerprint"] != fingerprint:
       fail(f"the checkpoints in {workdir} were trained from a different base model "
            f"(fingerprint {meta['base_model']['fingerprint']}, now {fingerprint}); use a new "

@@ -45,11 +45,11 @@ def minilm_dir():
   return models.resolve_model_dir("minilm")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, minilm_dir):
-  """A 2-layer, 32-wide random BERT with the default model's tokenizer, saved as Flax msgpack."""
+def make_tiny_model(out, minilm_dir) -> str:
+  """A 2-layer, 32-wide random BERT with the default model's tokenizer, saved as Flax msgpack
+  and as PyTorch-layout safetensors."""
   from transformers import BertConfig, FlaxBertModel
-  out = tmp_path_factory.mktemp("tiny_bert")
+  os.makedirs(out, exist_ok=True)
   config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -59,6 +59,11 @@ def tiny_model_dir(tmp_path_factory, minilm_dir):
   for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
     shutil.copy(os.path.join(minilm_dir, name), out)
   return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir):
+  return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"), minilm_dir)
 
 
 def _save_pytorch_layout(params, path):

@@ -82,3 +82,42 @@ def test_sigterm_saves_the_current_step_and_the_rerun_ends_identical(
   train_a = [r["loss"] for r in read_metrics(straight, "train")]
   train_b = [r["loss"] for r in read_metrics(interrupted, "train")]
   assert train_a == train_b
+
+
+def test_sigkill_at_five_random_steps_resumes_bit_identical(tmp_path):
+  """tests/exact_resume.py: 5 SIGKILLs (one as an async save starts), parameters compared."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "exact_resume.py"),
+                           "--kills=5", "--steps=60", "--seed=1", f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=900, cwd=REPO)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert "BIT-IDENTICAL" in result.stdout
+  assert result.stdout.count("killed at logged step") == 5
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  with tiny_config.unlocked():
+    tiny_config.train.num_train_steps = 8
+    tiny_config.checkpoint.save_every = 4
+    tiny_config.checkpoint.keep_latest = 2
+    tiny_config.data.validation_file = None
+  train.train_and_evaluate(tiny_config, workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  assert sorted(os.listdir(ckpt_dir)) == ["4", "8"]
+  # Truncate every array file of the latest checkpoint's state.
+  for folder, _, files in os.walk(os.path.join(ckpt_dir, "8", "state")):
+    for name in files:
+      path = os.path.join(folder, name)
+      if os.path.getsize(path) > 64:
+        with open(path, "r+b") as f:
+          f.truncate(16)
+  with tiny_config.unlocked():
+    tiny_config.train.num_train_steps = 12
+  import io, contextlib
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+    train.train_and_evaluate(tiny_config, workdir)
+  text = out.getvalue()
+  assert "checkpoint step 8 is damaged" in text and "resumed from step 4" in text
+  names = sorted(os.listdir(ckpt_dir))
+  assert "8" in names and "12" in names and any(n.startswith("damaged-8-") for n in names)
