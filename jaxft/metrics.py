@@ -7,12 +7,12 @@ import os
 from typing import Optional
 
 import numpy as np
-from sklearn import metrics as skm
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray,
                            num_labels: int) -> dict[str, float]:
   """accuracy, macro_f1, mcc; and binary_f1 (F1 of class 1) for two-class tasks."""
+  from sklearn import metrics as skm  # imported here: it costs ~2 s at every process start
   all_labels = list(range(num_labels))
   out = {
       "accuracy": float(skm.accuracy_score(labels, predictions)),

@@ -54,8 +54,10 @@ def _quoting(delimiter: str) -> int:
 def _column_names(path: str, delimiter: str, has_header: bool,
                   column_names: Optional[Sequence[str]]) -> list[str]:
   """Column names from config, else the header line, else "0", "1", ... for headerless files."""
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     first = f.readline().rstrip("\r\n")
+    if has_header and not any(line.strip() for line in f):
+      fail(f"data file {path} holds no rows (only a header line)")
   found = next(csv.reader([first], delimiter=delimiter, quoting=_quoting(delimiter)))
   if column_names:
     if len(column_names) != len(found):

@@ -1,0 +1,177 @@
+"""Hostile input against a workdir that already holds a checkpoint: every case ends with exit
+status 2, one line `jaxft: error: ...` naming the problem, no traceback, and the workdir's
+checkpoints byte-identical. (More command-line cases without a workdir: tests/test_cli.py.)
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, write_tsv
+
+
+def _digest(folder):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(folder)):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      h.update(path.encode())
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, sentiment_files):
+  """A finished tiny run (2 steps), its config file and the digest of its checkpoints."""
+  root = tmp_path_factory.mktemp("bad_input")
+  from tests.conftest import write_config_file
+  config = write_config_file(root / "cfg.py", tiny_model_dir, *sentiment_files,
+                             num_train_steps=2)
+  workdir = str(root / "run")
+  result = subprocess.run([sys.executable, "-m", "jaxft.train", f"--config={config}",
+                           f"--workdir={workdir}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  return {"root": root, "config": config, "workdir": workdir, "model": tiny_model_dir,
+          "digest": _digest(os.path.join(workdir, "checkpoints"))}
+
+
+def _files(root):
+  """Bad data files, written once per test."""
+  bad = {}
+  bad["non_utf8"] = root / "non_utf8.tsv"
+  bad["non_utf8"].write_bytes(b"sentence\tlabel\ngood\t1\n\xff\xfe bad\t0\n")
+  bad["empty_text"] = write_tsv(root / "empty_text.tsv", [("good", 1), ("   ", 0)])
+  bad["float_labels"] = write_tsv(root / "float_labels.tsv", [("good", 0.5), ("bad", 1.25)])
+  bad["one_label"] = write_tsv(root / "one_label.tsv", [("good", 1), ("fine", 1)])
+  bad["comma_in_tsv"] = root / "comma.tsv"
+  bad["comma_in_tsv"].write_text("sentence,label\ngood,1\nbad,0\n")
+  bad["header_only"] = root / "header_only.tsv"
+  bad["header_only"].write_text("sentence\tlabel\n")
+  return {k: str(v) for k, v in bad.items()}
+
+
+def _model_variants(root, model_dir):
+  pickle_only = root / "pickle_only"
+  shutil.copytree(model_dir, pickle_only)
+  os.remove(pickle_only / "flax_model.msgpack")
+  os.remove(pickle_only / "model.safetensors")
+  (pickle_only / "pytorch_model.bin").write_bytes(b"not loaded")
+  big_tokenizer = root / "big_tokenizer"
+  shutil.copytree(model_dir, big_tokenizer)
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(str(big_tokenizer))
+  tok.add_tokens([f"newtoken{i}" for i in range(10)])
+  tok.save_pretrained(str(big_tokenizer))
+  other_base = root / "other_base"
+  shutil.copytree(model_dir, other_base)
+  os.remove(other_base / "model.safetensors")
+  from flax import serialization
+  params = serialization.msgpack_restore((other_base / "flax_model.msgpack").read_bytes())
+  params["pooler"]["dense"]["bias"] = params["pooler"]["dense"]["bias"] + 1.0
+  (other_base / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
+  truncated = root / "truncated_weights"
+  shutil.copytree(model_dir, truncated)
+  os.remove(truncated / "flax_model.msgpack")
+  with open(truncated / "model.safetensors", "r+b") as f:
+    f.truncate(1000)
+  return {"pickle_only": str(pickle_only), "big_tokenizer": str(big_tokenizer),
+          "truncated_weights": str(truncated), "other_base": str(other_base)}
+
+
+@pytest.fixture(scope="module")
+def inputs(trained):
+  """Templated values for the cases: bad data files and model folders, made once."""
+  root = trained["root"]
+  return {"root": str(root), **_files(root), **_model_variants(root, trained["model"])}
+
+
+CASES = [
+    # (id, extra train flags (templated), fragments the one line must hold)
+    ("negative learning rate", ["--config.train.learning_rate=-1e-4"], ["learning_rate"]),
+    ("zero batch size", ["--config.train.batch_size=0"], ["train.batch_size=0"]),
+    ("accumulation not dividing the batch", ["--config.train.grad_accum_steps=3"],
+     ["grad_accum_steps=3"]),
+    ("unknown format", ["--config.data.format=xlsx"], ["data.format='xlsx'"]),
+    ("three text fields", ["--config.data.text_fields=('a','b','c')"], ["text_fields"]),
+    ("folder as data file", ["--config.data.train_file={root}"], ["is a folder"]),
+    ("non-UTF-8 bytes", ["--config.data.train_file={non_utf8}"], ["not valid UTF-8"]),
+    ("empty text row", ["--config.data.train_file={empty_text}"],
+     ["data row 2", "is empty"]),
+    ("float labels in classification", ["--config.data.train_file={float_labels}"],
+     ["regression"]),
+    ("a single label value", ["--config.data.train_file={one_label}"], ["1 distinct value"]),
+    ("wrong delimiter", ["--config.data.train_file={comma_in_tsv}"], ["no column 'sentence'"]),
+    ("header without rows", ["--config.data.train_file={header_only}"], ["holds no rows"]),
+    ("different number of labels", ["--config.data.label_names=('a','b','c')"],
+     ["labels"]),
+    ("different base model", ["--config.model.name_or_path={other_base}"],
+     ["model.name_or_path"]),
+    ("incompatible workdir config", ["--config.model.pooling=default"], ["model.pooling"]),
+    ("only pickle weights", ["--config.model.name_or_path={pickle_only}"], ["pickle"]),
+    ("truncated weights file", ["--config.model.name_or_path={truncated_weights}"],
+     ["cannot read weights file"]),
+    ("sequence longer than the model", ["--config.data.max_seq_length=1024"],
+     ["max_position_embeddings=128"]),
+    ("bad regex in PEFT rules", ["--config.peft.method=freeze",
+                                 "--config.peft.trainable_rules=(('([', True),)"],
+     ["not a valid regex"]),
+    ("LoRA target matching nothing", ["--config.peft.method=lora",
+                                      "--config.peft.lora.targets=.*/qkv/kernel"],
+     ["matches no"]),
+    ("bad parameter sharding rule", ["--config.parallel.param_rules=(('.*', ('model',)),)"],
+     ["names axis 'model'"]),
+    ("zero log interval", ["--config.train.log_every=0"], ["train.log_every=0"]),
+]
+
+
+@pytest.mark.parametrize("name, flags, fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_train_input(trained, inputs, name, flags, fragments):
+  flags = [f.format(**inputs) for f in flags]
+  _check(trained, ["jaxft.train", f"--config={trained['config']}",
+                   f"--workdir={trained['workdir']}", *flags], fragments)
+
+
+def test_tokenizer_that_does_not_match_the_model(trained, inputs, tmp_path):
+  _check(trained, ["jaxft.train", f"--config={trained['config']}",
+                   f"--workdir={tmp_path / 'fresh'}",
+                   f"--config.model.name_or_path={inputs['big_tokenizer']}"],
+         ["tokenizer", "does not match the model"])
+
+
+EVAL_CASES = [
+    ("checkpoint step that does not exist", ["--checkpoint=7"], ["no checkpoint at step 7"]),
+    ("checkpoint name that is not a step", ["--checkpoint=newest"], ["'newest'"]),
+    ("unknown split", ["--split=dev"], ["unknown split 'dev'"]),
+    ("split without a file", ["--split=test"], ["data.test_file is not set"]),
+    ("malformed mesh", ["--mesh=data:8"], ["axis=size"]),
+]
+
+
+@pytest.mark.parametrize("name, flags, fragments", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
+def test_bad_evaluate_input(trained, name, flags, fragments):
+  _check(trained, ["jaxft.evaluate", f"--workdir={trained['workdir']}", *flags], fragments)
+
+
+def test_peft_export_of_a_full_fine_tuning_run(trained, tmp_path):
+  _check(trained, ["jaxft.export", f"--workdir={trained['workdir']}",
+                   f"--output={tmp_path / 'out'}", "--format=peft"], ["exports LoRA adapters"])
+
+
+def _check(trained, args, fragments):
+  before = trained["digest"]
+  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  lines = [l for l in result.stderr.splitlines() if l.startswith("jaxft: error:")]
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  assert _digest(os.path.join(trained["workdir"], "checkpoints")) == before
