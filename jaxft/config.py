@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxft.errors import fail
+from jaxft import peft
 from jaxft.parallel import DEFAULT_PARAM_RULES, check_rules
 
 TASK_KINDS = ("classification",)
@@ -100,14 +101,14 @@ def base_config() -> ml_collections.ConfigDict:
   # First-match (regex over parameter paths, trainable?) rules, checked before the method's own.
   c.peft.trainable_rules = ()
   c.peft.train_head = True
-  c.peft.head_pattern = r"(classifier|pre_classifier)/.*"
+  c.peft.head_pattern = peft.DEFAULT_HEAD_PATTERN
   c.peft.lora = ml_collections.ConfigDict()
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0
   c.peft.lora.dropout = 0.0
   c.peft.lora.use_rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
   # Regex over kernel paths, or "all-linear" (every Dense kernel but the head).
-  c.peft.lora.targets = r".*attention/self/(query|value)/kernel"
+  c.peft.lora.targets = peft.DEFAULT_LORA_TARGETS
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 0  # steps between saves; 0 = at every evaluation (and at the end)
@@ -194,7 +195,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
 
-  _one_of("peft.method", c.peft.method, ("none", "lora", "bitfit", "freeze"))
+  _one_of("peft.method", c.peft.method, peft.METHODS)
   _positive("peft.lora.rank", c.peft.lora.rank)
   _positive("peft.lora.alpha", c.peft.lora.alpha)
   _check(0.0 <= c.peft.lora.dropout < 1.0, "config peft.lora.dropout must be in [0, 1)")

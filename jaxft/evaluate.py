@@ -7,7 +7,6 @@ metrics and writes DIR/eval/<split>-step<N>.json as {"step": N, "split": ..., "m
 from __future__ import annotations
 
 import json
-import math
 import os
 
 from typing import Optional
@@ -19,7 +18,7 @@ from absl import app, flags
 from jaxft import config as config_lib, experiment, models, parallel, runtime
 from jaxft.checkpoint import Checkpoints
 from jaxft.data import batching
-from jaxft.errors import fail, run_cli
+from jaxft.errors import UserError, fail, run_cli
 
 def load_run_config(workdir: str):
   path = os.path.join(workdir, "config.json")
@@ -35,10 +34,11 @@ def _eval_mesh(config, mesh: Optional[dict], num_devices: int) -> dict:
   if mesh:
     return {**{"data": 1, "fsdp": 1, "tensor": 1}, **mesh}
   saved = dict(config.parallel.mesh)
-  sizes = [s for s in saved.values() if s != -1]
-  fits = math.prod(sizes) == num_devices or (-1 in saved.values()
-                                             and num_devices % math.prod(sizes) == 0)
-  return saved if fits else {"data": -1, "fsdp": 1, "tensor": 1}
+  try:
+    parallel.mesh_shape(saved, num_devices)  # the one place that knows what fits
+    return saved
+  except UserError:
+    return {"data": -1, "fsdp": 1, "tensor": 1}
 
 
 def restore_for_eval(workdir: str, which: str, devices=None, mesh: Optional[dict] = None):

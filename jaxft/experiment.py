@@ -70,8 +70,8 @@ class Experiment:
 
   def param_counts(self) -> dict:
     trainable = models.count_params(self.trainable_init)
-    return {"trainable": trainable, "total": trainable + models.count_params(self.frozen_init),
-            "frozen": models.count_params(self.frozen_init)}
+    frozen = models.count_params(self.frozen_init)
+    return {"trainable": trainable, "total": trainable + frozen, "frozen": frozen}
 
   def abstract_state(self, tx) -> dict:
     """Shapes, dtypes and shardings of the train state, computed without allocating it."""

@@ -187,7 +187,7 @@ def load_classifier(model_dir: str, label_names: Sequence[str], pooling: str, se
   shapes = jax.eval_shape(lambda: hf_model.init_weights(rng, (1, 8)))
   loaded = _read_weights(path, from_pt, hf_model.base_model_prefix, shapes)
   std = float(getattr(hf_config, "initializer_range", 0.02))
-  loaded = _strip_prefix(loaded, hf_model.base_model_prefix, shapes)
+  loaded = _align_prefix(loaded, hf_model.base_model_prefix, shapes)
   params = _init_missing(shapes, loaded, seed, std)
   if pooling == "mean":
     width = hf_config.hidden_size
@@ -233,7 +233,7 @@ def _read_weights(path: str, from_pt: bool, prefix: str, shapes: dict) -> dict:
     fail(f"weights in {path} do not fit the model in config.json: {e}")
 
 
-def _strip_prefix(loaded: dict, prefix: str, shapes: dict) -> dict:
+def _align_prefix(loaded: dict, prefix: str, shapes: dict) -> dict:
   """Aligns the base-model prefix level ("bert", ...) between a checkpoint and the model: a
   model-with-head checkpoint loaded into a base class drops it, a base checkpoint loaded into a
   class with a head gains it."""

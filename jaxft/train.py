@@ -201,7 +201,6 @@ def _summarise(pending: list, seconds: float) -> dict:
       "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
       "learning_rate": float(host[-1]["learning_rate"]),
       "examples_per_sec": examples / seconds, "tokens_per_sec": tokens / seconds,
-      "skipped_steps": sum(1 for m in host if not m["finite"]),
   }
 
 
@@ -303,10 +302,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       eval_now = val_data is not None and (done % eval_every == 0 or done == num_steps)
       save_now = done % save_every == 0 or done == num_steps or eval_now
       if log_now or eval_now or save_now:
-        _check_finite(pending, t.nonfinite)  # before anything is logged, evaluated or saved
+        skipped = _check_finite(pending, t.nonfinite)  # before anything is logged, evaluated, saved
       if log_now:
         now = time.perf_counter()
         summary = _summarise(pending, now - last_log)
+        summary["skipped_steps"] = skipped
         summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
         summary["trainable_params"] = counts["trainable"]
         summary["total_params"] = counts["total"]
@@ -354,7 +354,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     preemption.restore()
     ckpts.wait()  # also on errors: a save in flight must complete, never be cut off
   progress.close()
-  ckpts.wait()
   best_step = ckpts.best_step()  # every process: orbax calls may synchronise the hosts
   ckpts.close()
   writer.close()
