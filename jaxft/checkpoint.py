@@ -12,6 +12,8 @@ the latter deletes the latest checkpoint when it is not among the best, which br
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from typing import Any, Optional, Union
 
@@ -32,6 +34,7 @@ class Checkpoints:
   def __init__(self, workdir: str, ckpt_config, *, read_only: bool = False):
     self.best_metric = ckpt_config.best_metric
     self.best_mode = ckpt_config.best_mode
+    self._writing: Optional[int] = None  # the step of an async save that may be in flight
     directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(directory):
       fail(f"{workdir} holds no checkpoints (no {directory}); train first with "
@@ -53,6 +56,7 @@ class Checkpoints:
                            n=ckpt_config.keep_best, keep_checkpoints_without_metrics=False),
         ]),
         create=not read_only,
+        cleanup_tmp_directories=not read_only,  # what a save cut short left behind
     )
     self._manager = ocp.CheckpointManager(directory, item_names=("state", "meta"),
                                           options=options)
@@ -91,10 +95,35 @@ class Checkpoints:
     if metrics is not None and self.best_metric not in metrics:
       fail(f"checkpoint.best_metric={self.best_metric!r} is not among the evaluation metrics "
            f"{sorted(metrics)}; set --config.checkpoint.best_metric to one of them")
-    return self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    # Orbax first waits for the previous async save: an error raised here is most likely that
+    # one's, so the message names the step being written.
+    with self._storage_errors(self._writing if self._writing is not None else step):
+      started = self._manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
+    self._writing = step
+    return started
+
+  @contextlib.contextmanager
+  def _storage_errors(self, step: Optional[int] = None):
+    """A save that fails for want of space or permission is the user's to fix: one line.
+
+    Orbax writes each checkpoint into a temporary folder and renames it only when complete, so
+    the checkpoints saved before are intact and the run resumes from them once fixed.
+    """
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as e:
+      reason = _storage_problem(e)
+      if reason is None:
+        raise
+      which = f"checkpoint step {step}" if step is not None else "a checkpoint"
+      fail(f"saving {which} in {self._manager.directory} failed: {reason}; the checkpoints "
+           "saved before are intact. Free disk space (or fix the folder's permissions) and run "
+           "the same command again to resume")
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs)."""
@@ -167,8 +196,29 @@ class Checkpoints:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage_errors(self._writing):
+      self._manager.wait_until_finished()
+    self._writing = None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+
+_STORAGE_PROBLEMS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                     errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _storage_problem(error: BaseException) -> Optional[str]:
+  """The storage problem behind an error (orbax and tensorstore wrap OSErrors, sometimes only
+  in the message), or None for anything else."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno in _STORAGE_PROBLEMS:
+      return _STORAGE_PROBLEMS[seen.errno]
+    text = str(seen).lower()
+    for reason in _STORAGE_PROBLEMS.values():
+      if reason in text:
+        return reason
+    seen = seen.__cause__ or seen.__context__
+  return None

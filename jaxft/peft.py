@@ -36,7 +36,10 @@ from jaxft.errors import fail
 METHODS = ("none", "lora", "bitfit", "freeze")
 LORA_KEY = "lora"
 ALL_LINEAR = "all-linear"
-DEFAULT_HEAD_PATTERN = r"(classifier|pre_classifier)/.*"
+# Task heads of the supported families: sequence/token classification (classifier,
+# DistilBERT's pre_classifier), BERT's MLM head (cls), RoBERTa's (lm_head), DistilBERT's (vocab_*).
+DEFAULT_HEAD_PATTERN = (r"(classifier|pre_classifier|cls|lm_head|vocab_transform|"
+                        r"vocab_layer_norm|vocab_projector)/.*")
 DEFAULT_LORA_TARGETS = r".*attention/self/(query|value)/kernel"
 
 

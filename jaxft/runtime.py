@@ -25,16 +25,25 @@ def configure_jax() -> None:
     jax.config.update("jax_compilation_cache_dir", default_compilation_cache_dir())
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  for name in ("absl", "orbax", "jax._src.xla_bridge", "jax._src.compilation_cache"):
+  for name in ("jax._src.xla_bridge", "jax._src.compilation_cache"):
     logging.getLogger(name).setLevel(logging.WARNING)
+  # Orbax logs the error of a failed background save with a traceback, then raises it where
+  # jaxft waits for the save, which reports it in one line: the log would only duplicate it.
+  quiet = logging.WARNING if _debug else logging.CRITICAL
+  for name in ("absl", "orbax"):
+    logging.getLogger(name).setLevel(quiet)
   from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.ERROR)
+  absl_logging.set_verbosity(absl_logging.ERROR if _debug else absl_logging.FATAL)
+
+
+_debug = False  # --debug given: library logs are shown too
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:
   """absl flag parsing whose errors (unknown --config key, bad value) are one line, exit 2."""
   from absl import flags
-  debug = any(a in ("--debug", "--debug=true", "--debug=True") for a in argv)
+  global _debug
+  debug = _debug = any(a in ("--debug", "--debug=true", "--debug=True") for a in argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -28,10 +28,8 @@ def combine(trainable: dict, frozen: dict) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
-def classification_loss(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """Sum of weighted cross-entropy over the batch, and the weight total (padding rows weigh 0)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-  return jnp.sum(losses * batch["weights"]), jnp.sum(batch["weights"])
+LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]  # -> (loss sum, weight sum)
+TRAIN_INPUTS = (*MODEL_INPUTS, "labels", "label_weights", "weights")
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dict:
@@ -39,10 +37,13 @@ def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dic
           "rng": jax.random.PRNGKey(seed)}
 
 
-def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
+def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
                     reduce_axis: Optional[str] = None):
   """Returns train_step(state, frozen, batch) -> (state, metrics); jit it with donation.
+
+  `loss_fn(logits, batch)` is the task's (jaxft.tasks): a summed loss and the summed weight it
+  is averaged over (examples, or scored tokens).
 
   Under `jax.pmap`, pass the mapped axis name as `reduce_axis`: the summed losses, weights and
   gradients of every device are then added up with `lax.psum` before dividing, which gives the
@@ -56,7 +57,7 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
 
   def summed_loss(params, frozen, micro, rng):
     logits = logits_fn(combine(params, frozen), micro, rng, True)
-    return classification_loss(logits, micro)
+    return loss_fn(logits, micro)
 
   # Differentiates the trainable `params` only (argument 0); `frozen` is a constant.
   loss_and_grads = jax.value_and_grad(summed_loss, has_aux=True)
@@ -65,7 +66,7 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(state["rng"], state["step"])
     if reduce_axis is not None:  # each pmap device draws its own dropout masks
       rng = jax.random.fold_in(rng, jax.lax.axis_index(reduce_axis))
-    batch = {k: batch[k] for k in (*MODEL_INPUTS, "labels", "weights")}
+    batch = {k: batch[k] for k in TRAIN_INPUTS if k in batch}
     if grad_accum_steps == 1:
       (loss, weight), grads = loss_and_grads(state["params"], frozen, batch, rng)
     else:
@@ -82,8 +83,10 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
       (loss, weight, grads), _ = jax.lax.scan(
           accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (jnp.arange(grad_accum_steps), micro))
     tokens = jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))
+    examples = jnp.sum(batch["weights"])
     if reduce_axis is not None:
-      loss, weight, grads, tokens = jax.lax.psum((loss, weight, grads, tokens), reduce_axis)
+      loss, weight, grads, tokens, examples = jax.lax.psum(
+          (loss, weight, grads, tokens, examples), reduce_axis)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -96,7 +99,7 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
     params = jax.tree_util.tree_map(keep_if_finite, params, state["params"])
     opt_state = jax.tree_util.tree_map(keep_if_finite, opt_state, state["opt_state"])
     metrics = {"loss": loss / denom, "grad_norm": grad_norm,
-               "learning_rate": schedule(state["step"]), "examples": weight,
+               "learning_rate": schedule(state["step"]), "examples": examples,
                "tokens": tokens, "finite": finite}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"]}
@@ -105,11 +108,12 @@ def make_train_step(logits_fn: LogitsFn, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(logits_fn: LogitsFn):
-  """Returns eval_step(params, frozen, batch) -> float32 logits."""
+def make_eval_step(logits_fn: LogitsFn, outputs_fn: Callable[[jax.Array, dict], dict]):
+  """Returns eval_step(params, frozen, batch) -> the task's per-row outputs (jaxft.tasks)."""
 
-  def eval_step(params: dict, frozen: dict, batch: dict) -> jax.Array:
-    batch = {k: batch[k] for k in MODEL_INPUTS}
-    return logits_fn(combine(params, frozen), batch, None, False)
+  def eval_step(params: dict, frozen: dict, batch: dict) -> dict:
+    batch = {k: batch[k] for k in TRAIN_INPUTS if k in batch}
+    logits = logits_fn(combine(params, frozen), batch, None, False)
+    return outputs_fn(logits, batch)
 
   return eval_step

@@ -28,7 +28,7 @@ from jaxft import __version__, config as config_lib, experiment, models, paralle
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.data import batching
 from jaxft.errors import fail, run_cli
-from jaxft.metrics import MetricWriter, read_metrics
+from jaxft.metrics import MetricWriter, read_metrics, scalars
 
 # Config keys a resumed run must share with the run that wrote the workdir's checkpoints.
 _RESUME_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "data.text_fields",
@@ -75,7 +75,9 @@ def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config_lib.to_json(config))
   info = {"jaxft_version": __version__, "model_dir": exp.model_dir,
-          "model_fingerprint": fingerprint, "label_names": list(exp.label_names),
+          "model_fingerprint": fingerprint, "task": config.task.kind,
+          "label_names": list(exp.label_names), "best_metric": config.checkpoint.best_metric,
+          "best_mode": config.checkpoint.best_mode,
           "params": exp.param_counts(), "peft_method": config.peft.method,
           "num_train_steps": num_steps,
           "train_examples": len(exp.train_data), "devices": jax.device_count(),
@@ -224,7 +226,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   train_data = exp.train_data
   val_data = exp.load_split("validation") if config.data.validation_file else None
   config.unlock()
-  config.data.label_names = exp.label_names  # the resolved config is what config.json records
+  config.data.label_names = exp.label_names or None  # config.json records the resolved config
   config.lock()
 
   # ---- steps, schedule, optimizer ------------------------------------------------------------
@@ -334,7 +336,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         eval_metrics = evaluated
         writer.write(done, "validation", evaluated)
         progress.write(f"step {done}: validation " + ", ".join(
-            f"{name}={value:.4f}" for name, value in evaluated.items()))
+            f"{name}={value:.4f}" for name, value in scalars(evaluated).items()))
         if _is_better(evaluated[k.best_metric], best, k.best_mode):
           best, evals_since_best = evaluated[k.best_metric], 0
         else:
@@ -344,7 +346,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       stop = bool(t.early_stopping_patience and evaluated is not None
                   and evals_since_best >= t.early_stopping_patience)
       if save_now or stop:
-        ckpts.save(done, trainer.savable(state), meta_for(done, evaluated), metrics=evaluated)
+        ckpts.save(done, trainer.savable(state), meta_for(done, evaluated),
+                   metrics=None if evaluated is None else scalars(evaluated))
       if stop:
         progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
                        f"{evals_since_best} evaluations (best {best:.4f})")
@@ -352,8 +355,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         break
   finally:
     preemption.restore()
+    progress.close()  # ends the bar's line, so an error below starts on a line of its own
     ckpts.wait()  # also on errors: a save in flight must complete, never be cut off
-  progress.close()
   best_step = ckpts.best_step()  # every process: orbax calls may synchronise the hosts
   ckpts.close()
   writer.close()

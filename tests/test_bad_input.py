@@ -55,6 +55,11 @@ def _files(root):
   bad["comma_in_tsv"].write_text("sentence,label\ngood,1\nbad,0\n")
   bad["header_only"] = root / "header_only.tsv"
   bad["header_only"].write_text("sentence\tlabel\n")
+  bad["word_scores"] = write_tsv(root / "word_scores.tsv", [("good", "4.5"), ("bad", "low")])
+  bad["tags"] = root / "tags.conll"
+  bad["tags"].write_text("john B-PER\nran O\n\nmary B-PER\n")
+  bad["unknown_tag"] = root / "unknown_tag.conll"
+  bad["unknown_tag"].write_text("a O\n\nparis B-LOC\nis O\n")
   return {k: str(v) for k, v in bad.items()}
 
 
@@ -129,6 +134,18 @@ CASES = [
     ("bad parameter sharding rule", ["--config.parallel.param_rules=(('.*', ('model',)),)"],
      ["names axis 'model'"]),
     ("zero log interval", ["--config.train.log_every=0"], ["train.log_every=0"]),
+    ("regression target that is not a number", ["--config.task.kind=regression",
+                                                "--config.data.train_file={word_scores}"],
+     ["data row 2", "regression target 'low' is not a number"]),
+    ("tag outside the training tags", ["--config.task.kind=token_classification",
+                                       "--config.model.pooling=default",
+                                       "--config.data.train_file={tags}",
+                                       "--config.data.validation_file={unknown_tag}"],
+     ["sentence 2 (line 3)", "tag 'B-LOC' is not one of"]),
+    ("mean pooling for a token task", ["--config.task.kind=token_classification"],
+     ["model.pooling=mean", "use model.pooling=default"]),
+    ("selection metric of another task", ["--config.checkpoint.best_metric=f1"],
+     ["checkpoint.best_metric='f1'"]),
 ]
 
 
@@ -165,13 +182,78 @@ def test_peft_export_of_a_full_fine_tuning_run(trained, tmp_path):
                    f"--output={tmp_path / 'out'}", "--format=peft"], ["exports LoRA adapters"])
 
 
-def _check(trained, args, fragments):
+def test_interrupted_download_in_the_hub_cache(trained, tmp_path):
+  """A hub cache whose weights blob never finished (the snapshot links to a missing file)."""
+  snapshot = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / "abc123"
+  snapshot.mkdir(parents=True)
+  (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+  (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+  blobs = tmp_path / "hub" / "models--acme--tiny" / "blobs"
+  blobs.mkdir()
+  (blobs / "f00d.incomplete").write_bytes(b"\0" * 100)
+  for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+    shutil.copy(os.path.join(trained["model"], name), snapshot / name)
+  os.symlink("../../blobs/f00d", snapshot / "model.safetensors")
+  _check(trained, ["jaxft.train", f"--config={trained['config']}",
+                   f"--workdir={tmp_path / 'fresh'}", "--config.model.name_or_path=acme/tiny"],
+         ["model.safetensors", "interrupted download"],
+         env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+
+
+def _check(trained, args, fragments, digest_of=None, env=None):
+  digest_of = digest_of or os.path.join(trained["workdir"], "checkpoints")
   before = trained["digest"]
   result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                          text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
   lines = [l for l in result.stderr.splitlines() if l.startswith("jaxft: error:")]
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
   for fragment in fragments:
     assert fragment in lines[0], lines[0]
-  assert _digest(os.path.join(trained["workdir"], "checkpoints")) == before
+  assert _digest(digest_of) == before
+
+
+def _mount_tmpfs(path, size_bytes) -> bool:
+  os.makedirs(path, exist_ok=True)
+  result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs",
+                           str(path)], capture_output=True)
+  return result.returncode == 0
+
+
+def _used_bytes(path):
+  stat = os.statvfs(path)
+  return (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+
+
+def test_disk_that_fills_during_save(trained, tmp_path):
+  """A real full file system (a small tmpfs): the failing save is one line and exit 2, the
+  checkpoint saved before is byte-identical, and the run resumes once there is space."""
+  disk = tmp_path / "disk"
+  if not _mount_tmpfs(disk, 64 << 20):
+    pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+  try:
+    workdir = str(disk / "run")
+    args = ["jaxft.train", f"--config={trained['config']}", f"--workdir={workdir}",
+            "--config.checkpoint.save_every=1", "--config.checkpoint.async_save=True"]
+    first = subprocess.run([sys.executable, "-m", *args, "--config.train.num_train_steps=1"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoint_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in
+                           os.walk(os.path.join(workdir, "checkpoints")) for f in fs)
+    # Room for half of another checkpoint: the next save fills the disk.
+    room = _used_bytes(disk) + checkpoint_bytes // 2
+    subprocess.run(["mount", "-o", f"remount,size={room}", str(disk)], check=True)
+    saved = {"workdir": workdir, "digest": _digest(os.path.join(workdir, "checkpoints", "1"))}
+    _check({"workdir": workdir, "digest": saved["digest"]},
+           [*args, "--config.train.num_train_steps=3"], ["no space left on device",
+                                                         "checkpoint step 2", "intact"],
+           digest_of=os.path.join(workdir, "checkpoints", "1"))
+    subprocess.run(["mount", "-o", f"remount,size={64 << 20}", str(disk)], check=True)
+    again = subprocess.run([sys.executable, "-m", *args, "--config.train.num_train_steps=3"],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from step 1" in again.stdout + again.stderr
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+  finally:
+    subprocess.run(["umount", str(disk)], capture_output=True)

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from jaxft.checkpoint import Checkpoints
-from jaxft.config import base_config
+from jaxft.config import base_config, resolve_task_defaults
 from jaxft.errors import UserError
 
 
 def _ckpt_config(keep_latest=1, keep_best=1):
-  c = base_config().checkpoint
+  full = base_config()
+  resolve_task_defaults(full)  # accuracy / max for classification
+  c = full.checkpoint
   c.keep_latest, c.keep_best, c.async_save = keep_latest, keep_best, True
   return c
 

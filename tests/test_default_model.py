@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxft import evaluate, models, train
+from jaxft import evaluate, models, tasks, train
 from jaxft.metrics import read_metrics
 from tests.conftest import REPO, SHARED_DATA
 
@@ -21,7 +21,8 @@ def _config(name):
 def test_safetensors_are_converted_like_transformers_does(minilm_dir):
   from flax import traverse_util
   from transformers import FlaxAutoModel
-  ours = models.load_classifier(minilm_dir, ("a", "b"), "mean", seed=0)
+  ours = models.load_model(minilm_dir, tasks.make("classification", ("a", "b")), "mean",
+                           seed=0)
   reference = FlaxAutoModel.from_pretrained(minilm_dir, from_pt=True)
   a = traverse_util.flatten_dict(ours.params["bert"])
   b = traverse_util.flatten_dict(reference.params)

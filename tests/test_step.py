@@ -16,7 +16,7 @@ def exp(tiny_config):
 def _run_one_step(exp, batch_np, accum=1):
   tx, schedule = exp.optimizer(10)
   state = exp.init_state(tx)
-  fn = jax.jit(step_lib.make_train_step(exp.model.logits, tx, schedule, accum))
+  fn = jax.jit(step_lib.make_train_step(exp.model.logits, exp.task.loss, tx, schedule, accum))
   new_state, metrics = fn(state, {}, {k: jax.numpy.asarray(v) for k, v in batch_np.items()})
   return jax.device_get(new_state["params"]), jax.device_get(metrics)
 
@@ -64,7 +64,7 @@ def test_evaluation_counts_every_example_in_file_order(exp):
   data = exp.load_split("validation")  # 70 examples, eval batch 32: the last batch is partial
   tx, _ = exp.optimizer(1)
   params = exp.init_state(tx)["params"]
-  logits = exp.predict_logits(exp.jit_eval_step(), params, data)
+  logits = np.stack(exp.predict_outputs(exp.jit_eval_step(), params, data)["logits"])
   assert logits.shape == (70, 2)
   # Reference: each example alone, unpadded.
   for i in (0, 33, 69):

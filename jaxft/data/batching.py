@@ -67,8 +67,9 @@ def make_batch(data: Encoded, indices: np.ndarray, batch_size: int,
                buckets: Sequence[int]) -> dict[str, np.ndarray]:
   """Pads the examples at `indices` into arrays of shape [batch_size, bucket length].
 
-  Rows past len(indices) are padding: weight 0, label 0, a single [PAD]-free empty sequence.
-  `index` maps each row back to its example (-1 for padding rows).
+  Rows past len(indices) are padding: weight 0, label 0, an empty sequence attending to one
+  token. `index` maps each row back to its example (-1 for padding rows). Labels keep the shape
+  the task gives them: per example ([B], [B, labels]) or per token ([B, T] with label_weights).
   """
   n = len(indices)
   width = bucket_for(max(len(data.input_ids[i]) for i in indices), buckets)
@@ -81,14 +82,26 @@ def make_batch(data: Encoded, indices: np.ndarray, batch_size: int,
     token_type_ids[row, :len(ids)] = data.token_type_ids[i][:width]
     attention_mask[row, :len(ids)] = 1
   attention_mask[n:, 0] = 1  # padding rows attend to one token so softmax stays finite
-  labels = np.zeros((batch_size,), np.int32)
-  labels[:n] = data.labels[indices]
   weights = np.zeros((batch_size,), np.float32)
   weights[:n] = 1.0
   index = np.full((batch_size,), -1, np.int64)
   index[:n] = indices
-  return {"input_ids": input_ids, "token_type_ids": token_type_ids,
-          "attention_mask": attention_mask, "labels": labels, "weights": weights, "index": index}
+  batch = {"input_ids": input_ids, "token_type_ids": token_type_ids,
+           "attention_mask": attention_mask, "weights": weights, "index": index}
+  if data.label_weights is not None:  # per-token labels (token classification)
+    batch["labels"] = np.zeros((batch_size, width), np.int32)
+    batch["label_weights"] = np.zeros((batch_size, width), np.float32)
+    for row, i in enumerate(indices):
+      if data.labels is not None:  # None: prediction input
+        k = min(len(data.labels[i]), width)
+        batch["labels"][row, :k] = data.labels[i][:k]
+      k = min(len(data.label_weights[i]), width)
+      batch["label_weights"][row, :k] = data.label_weights[i][:k]
+  elif data.labels is not None:  # one label (or label vector) per example
+    labels = np.zeros((batch_size, *data.labels.shape[1:]), data.labels.dtype)
+    labels[:n] = data.labels[indices]
+    batch["labels"] = labels
+  return batch
 
 
 def host_rows(batch: dict[str, np.ndarray], process_index: int,

@@ -1,22 +1,32 @@
-"""From a data file to token ids and labels: the examples a task trains and evaluates on."""
+"""From a data file to token ids and labels: the examples a task trains and evaluates on.
+
+`read_split` is the one entry: it reads the file the way the task needs (sentence or pair
+columns, word/tag sequences, plain text), checks every row, and tokenizes.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from jaxft.data import files, labels
+from jaxft.data import files, labels, tokens
 from jaxft.errors import fail
 
 
 @dataclasses.dataclass(frozen=True)
 class Encoded:
-  """Tokenized examples, unpadded: one int32 array of ids per example."""
+  """Tokenized examples, unpadded: one int32 array of ids per example (a window, for token
+  classification)."""
   input_ids: list
   token_type_ids: list
-  labels: np.ndarray  # int32 class ids
+  # classification [N] int32; regression [N] float32; multilabel [N, labels] float32;
+  # token classification: one int32 tag id per position; mlm / unlabelled input: None.
+  labels: Any = None
+  label_weights: Optional[list] = None  # token classification: 1 where a position is scored
+  words: Optional[tokens.WordMap] = None  # token classification: windows -> sentence words
+  texts: Optional[list] = None  # sequence tasks: the raw text columns (for prediction output)
 
   def __len__(self) -> int:
     return len(self.input_ids)
@@ -41,19 +51,142 @@ def _texts(columns: dict, name: str, path: str) -> list[str]:
   return [str(v) for v in values]
 
 
-def read_split(path: str, config, tokenizer, label_names: Optional[Sequence[str]],
-               max_rows: Optional[int]) -> tuple[Encoded, tuple[str, ...]]:
-  """Reads, checks and tokenizes one split. Returns the examples and the label names used."""
+def _tokenize(tokenizer, texts: list[list[str]], max_seq_length: int) -> tuple[list, list]:
+  out = tokenizer(*texts, truncation=True, max_length=max_seq_length,
+                  return_token_type_ids=True, return_attention_mask=False)
+  return ([np.asarray(x, np.int32) for x in out["input_ids"]],
+          [np.asarray(x, np.int32) for x in out["token_type_ids"]])
+
+
+def _sequence_labels(kind: str, raw: list, label_names, config, path: str):
+  """(label array, label names) for the sequence-level tasks."""
+  if kind == "regression":
+    return labels.regression_targets(raw, path), ()
+  if kind == "multilabel":
+    rows = labels.split_multilabel(raw, config.data.label_delimiter, path)
+    names = label_names or labels.infer_tag_names(rows, path, "labels")
+    return labels.encode_multihot(rows, names, path), names
+  names = label_names or labels.infer_label_names(raw, path)
+  return labels.encode_labels(raw, names, path), names
+
+
+def _read_sequences(path, config, tokenizer, label_names, max_rows, labelled):
   d = config.data
   columns = files.read_columns(path, d.format, has_header=d.has_header,
                                column_names=d.column_names, max_rows=max_rows)
   texts = [_texts(columns, name, path) for name in d.text_fields]
-  raw_labels = _column(columns, d.label_field, path, "label_field")
-  if label_names is None:
-    label_names = labels.infer_label_names(raw_labels, path)
-  label_ids = labels.encode_labels(raw_labels, label_names, path)
-  tokens = tokenizer(*texts, truncation=True, max_length=d.max_seq_length,
-                     return_token_type_ids=True, return_attention_mask=False)
-  input_ids = [np.asarray(x, np.int32) for x in tokens["input_ids"]]
-  token_type_ids = [np.asarray(x, np.int32) for x in tokens["token_type_ids"]]
-  return Encoded(input_ids, token_type_ids, label_ids), tuple(label_names)
+  label_array = None
+  if labelled:
+    raw = _column(columns, d.label_field, path, "label_field")
+    label_array, label_names = _sequence_labels(config.task.kind, raw, label_names, config, path)
+  input_ids, token_type_ids = _tokenize(tokenizer, texts, d.max_seq_length)
+  return Encoded(input_ids, token_type_ids, label_array, texts=texts), tuple(label_names or ())
+
+
+def read_tagged_sentences(path: str, config, max_rows: Optional[int],
+                          labelled: bool = True) -> files.TaggedSentences:
+  """Words and tags from CoNLL files, or from list columns (JSON, JSONL, saved datasets)."""
+  d = config.data
+  if files.infer_format(path, d.format) == "conll":
+    return files.read_conll(path, d.token_column, d.tag_column if labelled else None, max_rows)
+  columns = files.read_columns(path, d.format, max_rows=max_rows)
+  words = _column(columns, d.text_fields[0], path, "text_fields")
+  tags = _column(columns, d.label_field, path, "label_field") if labelled else None
+  for row, sentence in enumerate(words):
+    if not isinstance(sentence, list) or not sentence:
+      fail(f"{path} data row {row + 1}: column {d.text_fields[0]!r} must hold a non-empty list "
+           "of words for task.kind=token_classification")
+    if tags is not None and (not isinstance(tags[row], list) or len(tags[row]) != len(sentence)):
+      fail(f"{path} data row {row + 1}: {len(sentence)} words but tags {tags[row]!r}; give one "
+           "tag per word")
+  return files.TaggedSentences([[str(w) for w in s] for s in words],
+                               None if tags is None else [[str(t) for t in s] for s in tags],
+                               list(range(1, len(words) + 1)))
+
+
+def _tag_ids(sentences: files.TaggedSentences, tag_names: Sequence[str],
+             path: str) -> list[np.ndarray]:
+  index = {name: i for i, name in enumerate(tag_names)}
+  out = []
+  for sentence, (tags, line) in enumerate(zip(sentences.tags, sentences.first_lines)):
+    for k, tag in enumerate(tags):
+      if tag not in index:
+        fail(f"{path} sentence {sentence + 1} (line {line + k}): tag {tag!r} is not one of the "
+             f"tags {list(tag_names)}; fix the file or set --config.data.label_names")
+    out.append(np.asarray([index[t] for t in tags], np.int32))
+  return out
+
+
+def _read_tagged(path, config, tokenizer, label_names, max_rows, labelled):
+  d = config.data
+  sentences = read_tagged_sentences(path, config, max_rows, labelled)
+  tag_ids = None
+  if labelled:
+    label_names = label_names or labels.infer_tag_names(sentences.tags, path, "tags")
+    tag_ids = _tag_ids(sentences, label_names, path)
+  (input_ids, token_type_ids, tag_labels, weights, window_sentence,
+   position_word) = tokens.encode_windows(tokenizer, sentences.words, tag_ids, label_names or (),
+                                          d.max_seq_length, d.window_overlap,
+                                          d.label_all_subtokens)
+  words = tokens.WordMap(sentences.words, sentences.tags, window_sentence, position_word)
+  return (Encoded(input_ids, token_type_ids, tag_labels if labelled else None, weights, words),
+          tuple(label_names or ()))
+
+
+def _read_text(path, config, tokenizer, max_rows):
+  d = config.data
+  if files.infer_format(path, d.format) == "text":
+    texts = files.read_lines(path, max_rows)
+  else:
+    columns = files.read_columns(path, d.format, has_header=d.has_header,
+                                 column_names=d.column_names, max_rows=max_rows)
+    texts = _texts(columns, d.text_fields[0], path)
+  input_ids, token_type_ids = _tokenize(tokenizer, [texts], d.max_seq_length)
+  return Encoded(input_ids, token_type_ids, texts=[texts]), ()
+
+
+def _read_plain_inputs(path, config, tokenizer, label_names):
+  """Prediction input as plain text, one example per line: the text fields tab-separated
+  (a sentence pair), or, for token classification, words separated by spaces."""
+  d = config.data
+  lines = files.read_lines(path)
+  if config.task.kind == "token_classification":
+    words = [line.split() for line in lines]
+    (input_ids, token_type_ids, _, weights, window_sentence,
+     position_word) = tokens.encode_windows(tokenizer, words, None, label_names,
+                                            d.max_seq_length, d.window_overlap, False)
+    return Encoded(input_ids, token_type_ids, None, weights,
+                   tokens.WordMap(words, None, window_sentence, position_word))
+  fields = [line.split("\t") for line in lines]
+  for row, parts in enumerate(fields):
+    if len(parts) != len(d.text_fields):
+      fail(f"{path} line {row + 1} has {len(parts)} tab-separated field(s); this model reads "
+           f"{len(d.text_fields)} ({', '.join(d.text_fields)}): write them tab-separated")
+  texts = [list(column) for column in zip(*fields)]
+  input_ids, token_type_ids = _tokenize(tokenizer, texts, d.max_seq_length)
+  return Encoded(input_ids, token_type_ids, texts=texts)
+
+
+def read_inputs(path: str, config, tokenizer, label_names: Sequence[str],
+                fmt: Optional[str] = None) -> Encoded:
+  """Unlabelled examples to predict on: plain text (.txt), a file in a training format holding
+  the training text fields (TSV, CSV, JSON, JSONL, parquet), or CoNLL / JSON word lists (token
+  classification). The format comes from `fmt`, else from the file's extension."""
+  fmt = files.infer_format(path, fmt)
+  if fmt == "text":
+    return _read_plain_inputs(path, config, tokenizer, label_names)
+  with config.unlocked():
+    config.data.format = fmt
+  return read_split(path, config, tokenizer, label_names, None, labelled=False)[0]
+
+
+def read_split(path: str, config, tokenizer, label_names: Optional[Sequence[str]],
+               max_rows: Optional[int], labelled: bool = True) -> tuple[Encoded, tuple[str, ...]]:
+  """Reads, checks and tokenizes one split. Returns the examples and the label names used
+  (inferred from this file when `label_names` is None). `labelled=False` reads inputs only."""
+  kind = config.task.kind
+  if kind == "token_classification":
+    return _read_tagged(path, config, tokenizer, label_names, max_rows, labelled)
+  if kind == "mlm":
+    return _read_text(path, config, tokenizer, max_rows)
+  return _read_sequences(path, config, tokenizer, label_names, max_rows, labelled)

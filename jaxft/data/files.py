@@ -1,7 +1,7 @@
 """Reading data files into column dictionaries, through Hugging Face `datasets`.
 
-Every column is read as text (labels included) so that label handling is one code path, and so
-that sentences such as "null" or "NA" are kept as written. Delimited files are read with quoting
+Every column of a delimited file is read as text (labels included) so that label handling is one
+code path, and so that sentences such as "null" or "NA" are kept as written. Delimited files are read with quoting
 off: GLUE's TSV files hold bare quote characters that would otherwise swallow rows;
 CSV files keep standard quoting so that a quoted field may hold commas.
 """
@@ -9,6 +9,7 @@ CSV files keep standard quoting so that a quoted field may hold commas.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import os
 from typing import Optional, Sequence
@@ -22,12 +23,14 @@ datasets.logging.set_verbosity_error()
 logging.getLogger("datasets").setLevel(logging.ERROR)
 
 _EXTENSION_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "jsonl",
-                      ".parquet": "parquet"}
+                      ".parquet": "parquet", ".conll": "conll", ".txt": "text"}
 
 
 def infer_format(path: str, fmt: Optional[str]) -> str:
   if fmt:
     return fmt
+  if os.path.isdir(path):
+    return "dataset"  # a folder written by datasets' save_to_disk
   ext = os.path.splitext(path)[1].lower()
   if ext not in _EXTENSION_FORMATS:
     fail(f"cannot tell the format of {path} from its extension; set --config.data.format to one "
@@ -35,9 +38,11 @@ def infer_format(path: str, fmt: Optional[str]) -> str:
   return _EXTENSION_FORMATS[ext]
 
 
-def _check_readable(path: str) -> None:
+def check_readable(path: str, fmt: Optional[str] = None) -> None:
   if not os.path.exists(path):
     fail(f"data file {path} does not exist; check the data.*_file paths in the config")
+  if os.path.isdir(path) and fmt == "dataset":
+    return
   if os.path.isdir(path):
     fail(f"data file {path} is a folder; point data.*_file at a file")
   if not os.access(path, os.R_OK):
@@ -83,16 +88,45 @@ def _load(path: str, fmt: str, has_header: bool,
         "csv", data_files={"data": path}, split="data", delimiter=delimiter,
         quoting=_quoting(delimiter), keep_default_na=False, na_filter=False, encoding="utf-8",
         header=0 if has_header else None, names=names, features=features)
+  if fmt == "dataset":
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+      fail(f"{path} holds several splits {list(ds)}; point data.*_file at one split's folder "
+           f"(e.g. {os.path.join(path, next(iter(ds)))})")
+    return ds
+  if fmt in ("conll", "text"):
+    fail(f"data.format={fmt} is read by the task's own reader, not as columns")
   builder = "json" if fmt in ("json", "jsonl") else fmt
   return datasets.load_dataset(builder, data_files={"data": path}, split="data")
+
+
+def _class_label_names(ds: datasets.Dataset, column: str) -> Optional[list[str]]:
+  """The names behind a ClassLabel column (or a sequence of them), as Hugging Face datasets
+  such as conll2003 store tags; None for plain columns."""
+  feature = ds.features.get(column)
+  inner = getattr(feature, "feature", feature)  # Sequence(ClassLabel) -> ClassLabel
+  if isinstance(feature, list) and feature:
+    inner = feature[0]
+  return list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
+
+
+def _named_labels(ds: datasets.Dataset) -> dict[str, list]:
+  """Columns as lists, with ClassLabel ids replaced by their names."""
+  columns = ds.to_dict()
+  for name in columns:
+    names = _class_label_names(ds, name)
+    if names is not None:
+      columns[name] = [[names[i] for i in v] if isinstance(v, list) else names[v]
+                       for v in columns[name]]
+  return columns
 
 
 def read_columns(path: str, fmt: Optional[str], *, has_header: bool = True,
                  column_names: Optional[Sequence[str]] = None,
                  max_rows: Optional[int] = None) -> dict[str, list]:
   """Reads the first `max_rows` rows of a data file as {column name: list of values}."""
-  _check_readable(path)
   fmt = infer_format(path, fmt)
+  check_readable(path, fmt)
   try:
     ds = _load(path, fmt, has_header, column_names)
   except UnicodeDecodeError as e:
@@ -107,4 +141,74 @@ def read_columns(path: str, fmt: Optional[str], *, has_header: bool = True,
     ds = ds.select(range(max_rows))
   if len(ds) == 0:
     fail(f"data file {path} holds no rows")
-  return ds.to_dict()
+  return _named_labels(ds)
+
+
+def read_lines(path: str, max_rows: Optional[int] = None) -> list[str]:
+  """Plain text, one example per line; blank lines are skipped."""
+  check_readable(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = [line.strip() for line in f]
+  except UnicodeDecodeError as e:
+    fail(f"data file {path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8")
+  lines = [line for line in lines if line]
+  if not lines:
+    fail(f"data file {path} holds no text lines")
+  return lines[:max_rows] if max_rows else lines
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggedSentences:
+  """Word-level examples: the words and tags of each sentence, and the line each started on."""
+  words: list[list[str]]
+  tags: Optional[list[list[str]]]
+  first_lines: list[int]
+
+
+def read_conll(path: str, token_column: int, tag_column: Optional[int],
+               max_rows: Optional[int] = None) -> TaggedSentences:
+  """CoNLL-style files: one token per line, whitespace- or tab-separated columns; any
+  whitespace-only line ends a sentence; `-DOCSTART-` lines are skipped. `tag_column=None` reads
+  words only (prediction input)."""
+  check_readable(path)
+  words, tags, first_lines = [], [], []
+  sentence_words, sentence_tags, first = [], [], 0
+
+  def close_sentence():
+    if sentence_words:
+      words.append(sentence_words)
+      tags.append(sentence_tags)
+      first_lines.append(first)
+
+  try:
+    with open(path, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        fields = line.split()
+        if not fields:  # blank, or only spaces / tabs: a sentence break
+          close_sentence()
+          sentence_words, sentence_tags = [], []
+          if max_rows and len(words) >= max_rows:
+            break
+          continue
+        if fields[0] == "-DOCSTART-":
+          continue
+        try:
+          word = fields[token_column]
+          tag = fields[tag_column] if tag_column is not None else None
+        except IndexError:
+          fail(f"{path} line {number} has {len(fields)} column(s) {fields}; data.token_column="
+               f"{token_column} and data.tag_column={tag_column} must index into them")
+        if not sentence_words:
+          first = number
+        sentence_words.append(word)
+        sentence_tags.append(tag)
+      else:
+        close_sentence()
+  except UnicodeDecodeError as e:
+    fail(f"data file {path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8")
+  if not words:
+    fail(f"data file {path} holds no sentences (token lines separated by blank lines)")
+  words, tags, first_lines = words[:max_rows or None], tags[:max_rows or None], first_lines[
+      :max_rows or None]
+  return TaggedSentences(words, tags if tag_column is not None else None, first_lines)
