@@ -4,26 +4,18 @@
     --config.data.train_file=../shared/data/wnut17/wnut17train.conll \
     --config.data.validation_file=../shared/data/wnut17/emerging.dev.conll
 
-Files: `token<TAB>tag`; lines holding only whitespace end sentences. A token that the tokenizer
-turns into nothing (the dev file holds a zero-width space) is read as [UNK], so it keeps its tag.
+The CoNLL-2003 recipe (configs/conll03_minilm.py) on files of `token<TAB>tag` lines; lines
+holding only whitespace end sentences. A token that the tokenizer turns into nothing (the dev
+file holds a zero-width space) is read as [UNK], so it keeps its tag.
 """
 
-from jaxft.config import base_config
+import importlib.util
+import os
 
 
 def get_config():
-  c = base_config()
-  c.task.kind = "token_classification"
-  c.model.name_or_path = "minilm"
-  c.data.format = "conll"
-  c.data.token_column = 0
-  c.data.tag_column = -1
-  c.data.max_seq_length = 128
-  c.train.batch_size = 16
-  c.train.eval_batch_size = 64
-  c.train.learning_rate = 2e-4
-  c.train.num_epochs = 3.0
-  c.train.warmup_ratio = 0.1
-  c.checkpoint.best_metric = "f1"
-  c.lock()
-  return c
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conll03_minilm.py")
+  spec = importlib.util.spec_from_file_location("conll03_minilm", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -15,14 +15,13 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jaxft import experiment, runtime
 from jaxft.checkpoint import Checkpoints
 from jaxft.config import base_config
 from jaxft.data.encode import Encoded
-from jaxft.data import batching
-from jaxft.errors import fail, run_cli
+
 
 METHODS = (("full", {"peft.method": "none"}),
            ("lora r8 q,v", {"peft.method": "lora"}),
@@ -102,28 +101,21 @@ def run() -> None:
   length_flag = flags.DEFINE_integer("length", 64, "Sequence length (tokens).")
   steps_flag = flags.DEFINE_integer("steps", 5, "Timed steps per method (after one to compile).")
   out_flag = flags.DEFINE_string("out", None, "Write the results as JSON here.")
-  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
 
-  def main(argv) -> None:
-    def bench():
-      if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}")
-      runtime.configure_jax()
-      results = {name: time_method(overrides, batch_flag.value, length_flag.value,
-                                   steps_flag.value) for name, overrides in METHODS}
-      print(f"train step, default model, batch {batch_flag.value} x {length_flag.value} tokens, "
-            f"{jax.device_count()} {jax.devices()[0].platform} device(s), median of "
-            f"{steps_flag.value} steps:\n")
-      print(peft_table(results))
-      if out_flag.value:
-        with open(out_flag.value, "w") as f:
-          json.dump({"batch": batch_flag.value, "length": length_flag.value,
-                     "devices": [str(d) for d in jax.devices()], "peft": results}, f, indent=2)
+  def bench():
+    runtime.configure_jax()
+    results = {name: time_method(overrides, batch_flag.value, length_flag.value,
+                                 steps_flag.value) for name, overrides in METHODS}
+    print(f"train step, default model, batch {batch_flag.value} x {length_flag.value} tokens, "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s), median of "
+          f"{steps_flag.value} steps:\n")
+    print(peft_table(results))
+    if out_flag.value:
+      with open(out_flag.value, "w") as f:
+        json.dump({"batch": batch_flag.value, "length": length_flag.value,
+                   "devices": [str(d) for d in jax.devices()], "peft": results}, f, indent=2)
 
-    run_cli(bench, debug_flag.value)
-
-  app.run(main, flags_parser=runtime.parse_flags_or_exit)
-
+  runtime.run_main(bench, example="--batch=32")
 
 if __name__ == "__main__":
   run()

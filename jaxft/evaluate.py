@@ -13,12 +13,12 @@ from typing import Optional
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from jaxft import config as config_lib, experiment, models, parallel, runtime
 from jaxft.checkpoint import Checkpoints
 from jaxft.metrics import scalars
-from jaxft.errors import UserError, fail, run_cli
+from jaxft.errors import UserError, fail
 
 def load_run_config(workdir: str):
   path = os.path.join(workdir, "config.json")
@@ -143,21 +143,9 @@ def run() -> None:
   mesh_flag = flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=8 or "
                                   "data=2,fsdp=4 (default: the run's own if it fits these "
                                   "devices, else all devices data-parallel).")
-  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
-
-  def main(argv) -> None:
-    def run_eval():
-      if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-      if not workdir_flag.value:
-        fail("--workdir is required: the run directory written by jaxft.train")
-      evaluate_checkpoint(workdir_flag.value, checkpoint_flag.value, split_flag.value,
-                          mesh=parse_mesh(mesh_flag.value))
-
-    run_cli(run_eval, debug_flag.value)
-
-  app.run(main, flags_parser=runtime.parse_flags_or_exit)
-
+  runtime.run_main(lambda: evaluate_checkpoint(
+      workdir_flag.value, checkpoint_flag.value, split_flag.value,
+      mesh=parse_mesh(mesh_flag.value)), required=("workdir",))
 
 if __name__ == "__main__":
   run()

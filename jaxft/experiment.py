@@ -5,11 +5,9 @@ the jitted steps, the state's shapes and shardings, and the evaluation loop.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -119,7 +117,7 @@ class Experiment:
     return self._frozen_on_devices
 
   # ---- steps ------------------------------------------------------------------------------
-  def trainer(self, tx, schedule, abstract_state: dict) -> "Trainer":
+  def trainer(self, tx, schedule, abstract_state: dict) -> "JitTrainer | PmapTrainer":
     """The train step for `parallel.mode`, with how its state and batches are laid out."""
     if self.config.parallel.mode == "pmap":
       return PmapTrainer(self, tx, schedule, abstract_state)

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Optional
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import serialization, traverse_util
 
 from jaxft import config as config_lib, models, peft, runtime
-from jaxft.errors import fail, run_cli
+from jaxft.errors import fail
 
 FORMATS = ("hf", "peft")
 EXPORT_CONFIG_FILE = "jaxft_config.json"
@@ -144,20 +143,8 @@ def run() -> None:
   format_flag = flags.DEFINE_enum("format", "hf", list(FORMATS), "hf: merged Hugging Face "
                                   "model folder; peft: LoRA adapter for the PEFT library.")
   checkpoint_flag = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
-  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
-
-  def main(argv) -> None:
-    def run_export():
-      if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-      if not workdir_flag.value or not output_flag.value:
-        fail("--workdir and --output are required")
-      export(workdir_flag.value, output_flag.value, format_flag.value, checkpoint_flag.value)
-
-    run_cli(run_export, debug_flag.value)
-
-  app.run(main, flags_parser=runtime.parse_flags_or_exit)
-
+  runtime.run_main(lambda: export(workdir_flag.value, output_flag.value, format_flag.value,
+                                  checkpoint_flag.value), required=("workdir", "output"))
 
 if __name__ == "__main__":
   run()

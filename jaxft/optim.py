@@ -14,7 +14,6 @@ import re
 from typing import Any, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import traverse_util
 

@@ -23,11 +23,11 @@ from typing import Optional
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from jaxft import runtime, tasks
 from jaxft.data import encode
-from jaxft.errors import fail, run_cli
+from jaxft.errors import fail
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -156,21 +156,9 @@ def run() -> None:
                                     "json, jsonl, parquet, conll); default: from its extension.")
   output_flag = flags.DEFINE_string("output", None, "File to write: JSONL, or TSV for a .tsv "
                                     "name (CoNLL word/tag lines for token classification).")
-  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
-
-  def main(argv) -> None:
-    def run_predict():
-      if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; flags look like --input=FILE")
-      if not input_flag.value or not output_flag.value:
-        fail("--input and --output are required")
-      predict(workdir_flag.value, input_flag.value, output_flag.value, checkpoint_flag.value,
-              model_flag.value, format_flag.value)
-
-    run_cli(run_predict, debug_flag.value)
-
-  app.run(main, flags_parser=runtime.parse_flags_or_exit)
-
+  runtime.run_main(lambda: predict(workdir_flag.value, input_flag.value, output_flag.value,
+                                   checkpoint_flag.value, model_flag.value, format_flag.value),
+                   required=("input", "output"), example="--input=FILE")
 
 if __name__ == "__main__":
   run()

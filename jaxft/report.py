@@ -17,19 +17,14 @@ import os
 import re
 from typing import Optional
 
-from absl import app, flags
+from absl import flags
 
 from jaxft import runtime
-from jaxft.errors import fail, run_cli
+from jaxft.errors import fail
 
-# The selection metric when neither run.json nor the config names one (as jaxft.config does).
-TASK_DEFAULT_METRIC = {"classification": ("accuracy", "max"), "regression": ("pearson", "max"),
-                       "multilabel": ("micro_f1", "max"), "token_classification": ("f1", "max"),
-                       "mlm": ("perplexity", "min")}
 CONFIG_SUMMARY_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "peft.method",
                        "train.batch_size", "train.learning_rate", "train.length",
                        "data.train_file", "data.max_seq_length")
-LOWER_IS_BETTER = ("loss", "perplexity", "mse", "mae", "rmse")
 CURVE_FILES = ("loss", "learning_rate", "throughput")  # a metric's plot must not overwrite these
 
 
@@ -92,14 +87,12 @@ def read_records(workdir: str) -> list[dict]:
 
 def selection_metric(config: dict, info: dict) -> tuple[str, str]:
   """(metric, mode): run.json's choice, else the config's, else the task's default."""
+  from jaxft import tasks
   metric = info.get("best_metric") or lookup(config, "checkpoint.best_metric")
   mode = info.get("best_mode") or lookup(config, "checkpoint.best_mode")
-  if not metric:
-    metric, default_mode = TASK_DEFAULT_METRIC.get(lookup(config, "task.kind"), ("accuracy", "max"))
-    mode = mode or default_mode
-  if mode not in ("max", "min"):  # a metric named without a mode: guess from its name
-    mode = "min" if metric in LOWER_IS_BETTER else "max"
-  return metric, mode
+  kind = lookup(config, "task.kind")
+  return tasks.selection(kind if kind in tasks.KINDS else "classification", metric or None,
+                         mode if mode in ("max", "min") else None)
 
 
 def series(records: list[dict], split: str, key: str) -> tuple[list, list]:
@@ -403,18 +396,7 @@ def run() -> None:
                                            "Run directory written by jaxft.train; repeat to compare runs")
   output_flag = flags.DEFINE_string("output", None,
                                     "Folder for the plots and report.md (default: WORKDIR/report).")
-  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
-
-  def main(argv) -> None:
-    def report():
-      if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-      print(write_report(workdir_flag.value or [], output_flag.value))
-
-    run_cli(report, debug_flag.value)
-
-  app.run(main, flags_parser=runtime.parse_flags_or_exit)
-
+  runtime.run_main(lambda: print(write_report(workdir_flag.value or [], output_flag.value)))
 
 if __name__ == "__main__":
   run()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import jax
 
@@ -71,6 +70,29 @@ def _unquote(error: Exception) -> str:
         pass
     break
   return text
+
+
+def run_main(body, required: tuple = (), example: str = "--workdir=DIR") -> None:
+  """Runs an entry point: parses the flags (defined by the caller beforehand, plus --debug),
+  checks that the `required` flags (names) are set, then calls `body()`; a user error anywhere
+  is one line and exit status 2."""
+  from absl import app, flags
+  from jaxft.errors import fail, run_cli
+  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+
+  def main(argv) -> None:
+    def checked_body():
+      if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; flags look like {example}")
+      missing = [f"--{name}" for name in required if not flags.FLAGS[name].value]
+      if missing:
+        fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required; see "
+             "--help")
+      body()
+
+    run_cli(checked_body, debug_flag.value)
+
+  app.run(main, flags_parser=parse_flags_or_exit)
 
 
 def loaded_config(config_flag):

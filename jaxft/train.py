@@ -21,13 +21,13 @@ from typing import Iterator, Optional
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from jaxft import __version__, config as config_lib, experiment, models, parallel, runtime
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.data import batching
-from jaxft.errors import fail, run_cli
+from jaxft.errors import fail
 from jaxft.metrics import MetricWriter, read_metrics, scalars
 
 # Config keys a resumed run must share with the run that wrote the workdir's checkpoints.
@@ -375,21 +375,8 @@ def run() -> None:
   workdir_flag = flags.DEFINE_string(
       "workdir", None, "Run directory: checkpoints/, metrics.jsonl, tb/, config.json. An "
       "existing one is resumed.")
-  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
-
-  def main(argv) -> None:
-    def run_training():
-      if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; flags look like --workdir=DIR")
-      config = runtime.loaded_config(config_flag)
-      if not workdir_flag.value:
-        fail("--workdir is required: the run directory for checkpoints and metrics")
-      train_and_evaluate(config, workdir_flag.value)
-
-    run_cli(run_training, debug_flag.value)
-
-  app.run(main, flags_parser=runtime.parse_flags_or_exit)
-
+  runtime.run_main(lambda: train_and_evaluate(runtime.loaded_config(config_flag),
+                                              workdir_flag.value), required=("workdir",))
 
 if __name__ == "__main__":
   run()

@@ -4,7 +4,6 @@ checkpoints byte-identical. (More command-line cases without a workdir: tests/te
 """
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess

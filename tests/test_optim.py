@@ -1,6 +1,5 @@
 """Weight-decay mask rules and the learning-rate schedule."""
 
-import numpy as np
 import pytest
 
 from jaxft import optim

@@ -1,6 +1,5 @@
 """Preemption saves and exact resume; non-finite steps change nothing."""
 
-import json
 import os
 import signal
 import subprocess
