@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from typing import Optional
 
@@ -89,25 +90,36 @@ def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validat
   data = exp.load_split(split)
   outputs = exp.predict_outputs(exp.jit_eval_step(), params, data)
   result = experiment.task_metrics(exp.task, outputs, data)
+  examples = len(data.words.words) if data.words is not None else len(data)  # NER: sentences
   record = {"step": step, "split": split, "checkpoint": which, "metrics": result,
-            "label_names": list(exp.label_names), "examples": len(data)}
+            "label_names": list(exp.label_names), "examples": examples}
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    out = os.path.join(workdir, "eval", f"{split}-step{step}.json")
+    print(f"{split} metrics of checkpoint step {step} ({which}), {examples} examples:")
+    for name, value in scalars(result).items():
+      print(f"  {name}: {value:.6f}")
+    for line in _per_type_table(result.get("per_type", {})):
+      print(line)
+    _write_evaluation(workdir, record, exp, outputs, data)
+  return record
+
+
+def _write_evaluation(workdir: str, record: dict, exp, outputs: dict, data) -> None:
+  """eval/<split>-step<N>.json and the per-example predictions beside it. A workdir that cannot
+  be written (read-only storage) only costs these files: the metrics are printed above."""
+  out = os.path.join(workdir, "eval", f"{record['split']}-step{record['step']}.json")
+  try:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
       json.dump(record, f, indent=2)
     if exp.task.kind != "mlm":  # per-example predictions, for error analysis
       from jaxft.predict import prediction_records, write_records
       write_records(prediction_records(exp.task, outputs, data),
-                    os.path.join(workdir, "eval", f"{split}-step{step}-predictions.jsonl"),
-                    exp.task.kind)
-    print(f"{split} metrics of checkpoint step {step} ({which}), {len(data)} examples:")
-    for name, value in scalars(result).items():
-      print(f"  {name}: {value:.6f}")
-    for line in _per_type_table(result.get("per_type", {})):
-      print(line)
-    print(f"wrote {out}")
-  return record
+                    out.replace(".json", "-predictions.jsonl"), exp.task.kind)
+  except OSError as e:
+    print(f"jaxft: warning: cannot write {out} ({e.strerror}); the metrics above are not "
+          "saved", file=sys.stderr)
+    return
+  print(f"wrote {out}")
 
 
 def _per_type_table(per_type: dict) -> list[str]:

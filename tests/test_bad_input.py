@@ -256,3 +256,24 @@ def test_disk_that_fills_during_save(trained, tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
   finally:
     subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def test_read_only_workdir(trained, tmp_path):
+  """A workdir on a read-only file system (root can write through chmod, not through this):
+  training refuses in one line; evaluation, which only reads, still works."""
+  disk = tmp_path / "ro"
+  if not _mount_tmpfs(disk, 64 << 20):
+    pytest.skip("cannot mount a tmpfs here (needs root and mount permission)")
+  try:
+    shutil.copytree(trained["workdir"], disk / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    workdir = str(disk / "run")
+    _check({"workdir": workdir, "digest": _digest(os.path.join(workdir, "checkpoints"))},
+           ["jaxft.train", f"--config={trained['config']}", f"--workdir={workdir}"],
+           ["is not writable", "Read-only file system"])
+    proc = subprocess.run([sys.executable, "-m", "jaxft.evaluate", f"--workdir={workdir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "accuracy" in proc.stdout, proc.stderr[-2000:]
+    assert "cannot write" in proc.stderr and "Read-only file system" in proc.stderr
+  finally:
+    subprocess.run(["umount", str(disk)], capture_output=True)

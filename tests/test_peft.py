@@ -1,5 +1,6 @@
 """PEFT as subtree masking: partitions, LoRA, frozen leaves, checkpoints, export and interop."""
 
+import json
 import os
 
 import jax
@@ -149,6 +150,12 @@ def test_lora_checkpoint_holds_only_the_trainable_subtree(tiny_config, tmp_path)
   size = sum(os.path.getsize(os.path.join(d, f))
              for d, _, files in os.walk(os.path.join(workdir, "checkpoints")) for f in files)
   assert size < 0.1 * 4 * models.count_params(exp.frozen_init)  # far below the frozen weights
+  # Prediction from the LoRA checkpoint gives evaluation's per-example labels.
+  from jaxft import predict
+  out = predict.predict(workdir, tiny_config.data.validation_file, str(tmp_path / "p.jsonl"))
+  evaluated = [json.loads(line) for line in open(os.path.join(
+      workdir, "eval", f"validation-step{record['step']}-predictions.jsonl"))]
+  assert [r["label"] for r in out] == [r["label"] for r in evaluated] and len(out) == 70
 
 
 def test_restoring_on_a_different_base_model_is_refused(tiny_config, tmp_path):

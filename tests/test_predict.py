@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ import pytest
 from jaxft import evaluate, export, predict, train
 from jaxft.errors import UserError
 
-from conftest import REPO
 from test_tasks import _config, _tagged_sentences, _write_conll
 
 
@@ -71,16 +68,19 @@ def test_exported_folder_predicts_like_the_checkpoint(sentiment_run, sentiment_f
 
 
 def test_input_without_the_training_text_fields_is_one_clear_line(sentiment_run, tmp_path):
+  # In process: every UserError leaves the entry points as one line and exit 2 (test_cli.py).
   bad = tmp_path / "bad.tsv"
   bad.write_text("review\tstars\ngood film\t5\n")
-  proc = subprocess.run(
-      [sys.executable, "-m", "jaxft.predict", f"--workdir={sentiment_run}", f"--input={bad}",
-       f"--output={tmp_path / 'out.jsonl'}"], cwd=REPO, capture_output=True, text=True)
-  assert proc.returncode == 2, proc.stderr
-  lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1 and "has columns ['review', 'stars'] but the model reads ['sentence']" \
-      in lines[0], proc.stderr
+  with pytest.raises(UserError) as error:
+    predict.predict(sentiment_run, str(bad), str(tmp_path / "out.jsonl"))
+  message = str(error.value)
+  assert "has columns ['review', 'stars'] but the model reads ['sentence']" in message
+  assert "\n" not in message
   assert not (tmp_path / "out.jsonl").exists()
+  pairs = tmp_path / "pairs.txt"  # plain text with a tab where one field is expected
+  pairs.write_text("good film\n" "a\tb\n")
+  with pytest.raises(UserError, match="line 2 has 2 tab-separated field"):
+    predict.predict(sentiment_run, str(pairs), str(tmp_path / "out.jsonl"))
 
 
 def test_ner_spans_score_like_evaluation(tiny_model_dir, tmp_path):
