@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,7 +46,8 @@ def _lookup(c, dotted: str):
 def _prepare_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".jaxft-write-test")
+    # One probe per process: on shared storage several hosts run this at once.
+    probe = os.path.join(workdir, f".jaxft-write-test-{socket.gethostname()}-{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -157,23 +159,30 @@ PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving; run the co
 class _PreemptionWatch:
   """Notes SIGTERM/SIGINT instead of dying, so the loop can save the current step first.
 
-  With several processes, JAX's own preemption sync (orbax `reached_preemption`) makes every
-  process agree on the step; the local flag is used by a single process only.
+  One process: a Python handler notes the signal and the loop saves at the next step.
+  Several processes: they must agree on the step, which JAX's preemption sync does (orbax
+  `reached_preemption`). Its notifier listens for SIGTERM itself, so SIGTERM is left to it (a
+  Python handler would replace it and the signal would never reach the sync), and SIGINT is
+  passed on to it as SIGTERM.
   """
 
   def __init__(self):
     self.signal: Optional[int] = None
     self._previous = {}
+    self._several = jax.process_count() > 1
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      signals = (signal.SIGINT,) if self._several else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._note)
 
   def _note(self, signum, frame) -> None:
     del frame
     self.signal = signum
+    if self._several:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier
 
   def requested(self, ckpts: Checkpoints, step: int) -> bool:
-    if jax.process_count() > 1:
+    if self._several:
       return ckpts.reached_preemption(step)
     return self.signal is not None
 

@@ -6,7 +6,8 @@
 #
 # Starts NUM_PROCESSES `python -m jaxft.train` processes with DEVICES_PER_PROCESS CPU devices each,
 # gloo collectives and a coordinator on 127.0.0.1. Exits non-zero (and stops the others) as soon
-# as any process fails. Logs of process i go to stderr prefixed with [i].
+# as any process fails; exits 75 when the run was preempted (SIGTERM: every process saves the
+# same step, run the command again to resume). Logs of process i go to stderr prefixed with [i].
 set -uo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: bash launch/local.sh NUM_PROCESSES DEVICES_PER_PROCESS [train flags...]" >&2
@@ -28,7 +29,9 @@ status=0
 for ((n = 0; n < NUM; n++)); do
   wait -n "${pids[@]}"
   rc=$?
-  if [ $rc -ne 0 ]; then
+  if [ $rc -eq 75 ]; then  # preempted: every process saves the same step and exits 75 too
+    status=75
+  elif [ $rc -ne 0 ]; then
     echo "launch/local.sh: a process exited with status $rc; stopping the others" >&2
     kill "${pids[@]}" 2>/dev/null
     status=$rc

@@ -131,3 +131,43 @@ def test_launcher_fails_when_a_process_fails(tmp_path):
                            "--config=configs/nope.py", f"--workdir={tmp_path}"],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
   assert result.returncode != 0
+
+
+def test_preempting_one_host_saves_the_same_step_on_every_host(tmp_path, tiny_model_dir,
+                                                               sentiment_files):
+  """SIGTERM to process 1 only: JAX's preemption sync makes both processes save one step and
+  exit 75; the same command then resumes from it and finishes."""
+  import signal
+  import time
+  config = write_config_file(tmp_path / "tiny.py", tiny_model_dir, *sentiment_files,
+                             warmup_ratio=0.0, num_train_steps=150, eval_every=50)
+  workdir = str(tmp_path / "run")
+
+  def start():
+    port = str(_free_port())
+    return [subprocess.Popen(
+        [sys.executable, "-m", "jaxft.train", f"--config={config}", f"--workdir={workdir}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", JAXFT_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                 JAXFT_NUM_PROCESSES="2", JAXFT_PROCESS_ID=str(i))) for i in range(2)]
+
+  procs = start()
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and not (os.path.exists(metrics) and
+                                        sum(1 for _ in open(metrics)) >= 20):
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+    time.sleep(0.5)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [75, 75], outputs[0][-3000:] + outputs[1][-3000:]
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  step = saved[-1]
+  assert 20 <= step < 150
+  assert f"saved a checkpoint at step {step}" in outputs[0]
+
+  procs = start()
+  outputs = [p.communicate(timeout=400)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+  assert f"resumed from step {step}" in outputs[0]
+  assert [r["step"] for r in read_metrics(workdir, "train")][-1] == 150
