@@ -3,7 +3,7 @@ status 2, one line `jaxft: error: ...` naming the problem, no traceback, and the
 checkpoints byte-identical. (More command-line cases without a workdir: tests/test_cli.py.)
 """
 
-import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,16 +14,7 @@ import pytest
 from tests.conftest import REPO, write_tsv
 
 
-def _digest(folder):
-  h = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(folder)):
-    dirs.sort()
-    for name in sorted(files):
-      path = os.path.join(root, name)
-      h.update(path.encode())
-      with open(path, "rb") as f:
-        h.update(f.read())
-  return h.hexdigest()
+from tests.cli_cases import digest as _digest
 
 
 @pytest.fixture(scope="module")
@@ -148,18 +139,41 @@ CASES = [
 ]
 
 
+def _train_argv(trained, inputs, flags):
+  return ["jaxft.train", f"--config={trained['config']}", f"--workdir={trained['workdir']}",
+          *[f.format(**inputs) for f in flags]]
+
+
+@pytest.fixture(scope="module")
+def batch(trained, inputs):
+  """Every command line of this module's parametrized cases, run in one go (tests/cli_cases.py:
+  one import, one fork per command): {argv tuple: result}."""
+  argvs = [_train_argv(trained, inputs, flags) for _, flags, _ in CASES]
+  argvs += [["jaxft.evaluate", f"--workdir={trained['workdir']}", *flags]
+            for _, flags, _ in EVAL_CASES]
+  argvs += [_tokenizer_argv(trained, inputs), _peft_export_argv(trained, inputs)]
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "cli_cases.py"),
+                         os.path.join(trained["workdir"], "checkpoints")],
+                        input=json.dumps(argvs), capture_output=True, text=True, timeout=1200,
+                        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {tuple(a): r for a, r in zip(argvs, json.loads(proc.stdout))}
+
+
 @pytest.mark.parametrize("name, flags, fragments", CASES, ids=[c[0] for c in CASES])
-def test_bad_train_input(trained, inputs, name, flags, fragments):
-  flags = [f.format(**inputs) for f in flags]
-  _check(trained, ["jaxft.train", f"--config={trained['config']}",
-                   f"--workdir={trained['workdir']}", *flags], fragments)
+def test_bad_train_input(trained, inputs, batch, name, flags, fragments):
+  _assert_one_line(batch[tuple(_train_argv(trained, inputs, flags))], fragments, trained)
 
 
-def test_tokenizer_that_does_not_match_the_model(trained, inputs, tmp_path):
-  _check(trained, ["jaxft.train", f"--config={trained['config']}",
-                   f"--workdir={tmp_path / 'fresh'}",
-                   f"--config.model.name_or_path={inputs['big_tokenizer']}"],
-         ["tokenizer", "does not match the model"])
+def _tokenizer_argv(trained, inputs):
+  return ["jaxft.train", f"--config={trained['config']}",
+          f"--workdir={os.path.join(inputs['root'], 'fresh')}",
+          f"--config.model.name_or_path={inputs['big_tokenizer']}"]
+
+
+def test_tokenizer_that_does_not_match_the_model(trained, inputs, batch):
+  _assert_one_line(batch[tuple(_tokenizer_argv(trained, inputs))],
+                   ["tokenizer", "does not match the model"], trained)
 
 
 EVAL_CASES = [
@@ -172,13 +186,31 @@ EVAL_CASES = [
 
 
 @pytest.mark.parametrize("name, flags, fragments", EVAL_CASES, ids=[c[0] for c in EVAL_CASES])
-def test_bad_evaluate_input(trained, name, flags, fragments):
-  _check(trained, ["jaxft.evaluate", f"--workdir={trained['workdir']}", *flags], fragments)
+def test_bad_evaluate_input(trained, batch, name, flags, fragments):
+  argv = ("jaxft.evaluate", f"--workdir={trained['workdir']}", *flags)
+  _assert_one_line(batch[argv], fragments, trained)
 
 
-def test_peft_export_of_a_full_fine_tuning_run(trained, tmp_path):
-  _check(trained, ["jaxft.export", f"--workdir={trained['workdir']}",
-                   f"--output={tmp_path / 'out'}", "--format=peft"], ["exports LoRA adapters"])
+def _peft_export_argv(trained, inputs):
+  return ["jaxft.export", f"--workdir={trained['workdir']}",
+          f"--output={os.path.join(inputs['root'], 'peft_out')}", "--format=peft"]
+
+
+def test_peft_export_of_a_full_fine_tuning_run(trained, inputs, batch):
+  _assert_one_line(batch[tuple(_peft_export_argv(trained, inputs))], ["exports LoRA adapters"],
+                   trained)
+
+
+def _assert_one_line(result, fragments, trained):
+  """Exit 2, one `jaxft: error:` line holding every fragment, no traceback, and the workdir's
+  checkpoints byte-identical after the command."""
+  stderr = result["stderr"]
+  lines = [l for l in stderr.splitlines() if l.startswith("jaxft: error:")]
+  assert result["returncode"] == 2, stderr[-2000:]
+  assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  assert result["digest"] == trained["digest"]
 
 
 def test_interrupted_download_in_the_hub_cache(trained, tmp_path):

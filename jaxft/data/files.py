@@ -30,7 +30,8 @@ def infer_format(path: str, fmt: Optional[str]) -> str:
   if fmt:
     return fmt
   if os.path.isdir(path):
-    return "dataset"  # a folder written by datasets' save_to_disk
+    check_readable(path, "dataset")  # a folder is only readable as a save_to_disk dataset
+    return "dataset"
   ext = os.path.splitext(path)[1].lower()
   if ext not in _EXTENSION_FORMATS:
     fail(f"cannot tell the format of {path} from its extension; set --config.data.format to one "
@@ -38,13 +39,19 @@ def infer_format(path: str, fmt: Optional[str]) -> str:
   return _EXTENSION_FORMATS[ext]
 
 
+def _is_saved_dataset(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, name))
+             for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
 def check_readable(path: str, fmt: Optional[str] = None) -> None:
   if not os.path.exists(path):
     fail(f"data file {path} does not exist; check the data.*_file paths in the config")
-  if os.path.isdir(path) and fmt == "dataset":
+  if os.path.isdir(path) and fmt == "dataset" and _is_saved_dataset(path):
     return
   if os.path.isdir(path):
-    fail(f"data file {path} is a folder; point data.*_file at a file")
+    fail(f"data file {path} is a folder; point data.*_file at a file (or at a folder written "
+         "by datasets' save_to_disk)")
   if not os.access(path, os.R_OK):
     fail(f"data file {path} is not readable; check its permissions")
   if os.path.getsize(path) == 0:
