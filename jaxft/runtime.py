@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import jax
 
@@ -73,12 +74,19 @@ def _unquote(error: Exception) -> str:
 
 
 def run_main(body, required: tuple = (), example: str = "--workdir=DIR") -> None:
-  """Runs an entry point: parses the flags (defined by the caller beforehand, plus --debug),
-  checks that the `required` flags (names) are set, then calls `body()`; a user error anywhere
-  is one line and exit status 2."""
+  """Runs an entry point: parses the flags (defined by the caller beforehand), checks that the
+  `required` flags (names) are set, then calls `body()`; a user error anywhere is one line and
+  exit status 2."""
   from absl import app, flags
   from jaxft.errors import fail, run_cli
-  debug_flag = flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.")
+  # --debug is filed under the calling entry point's module (absl's name for it), so that its
+  # --help lists it with the entry point's own flags.
+  caller = sys._getframe(1).f_globals["__name__"]
+  module = sys.argv[0] if caller == "__main__" else caller
+  flags.DEFINE_bool("debug", False, "Show tracebacks for user errors.", module_name=module)
+  if module != sys.argv[0]:  # a console script (jaxft-train): its --help shows sys.argv[0]'s
+    for flag in flags.FLAGS.get_key_flags_for_module(module):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
   def main(argv) -> None:
     def checked_body():
@@ -90,7 +98,7 @@ def run_main(body, required: tuple = (), example: str = "--workdir=DIR") -> None
              "--help")
       body()
 
-    run_cli(checked_body, debug_flag.value)
+    run_cli(checked_body, flags.FLAGS["debug"].value)
 
   app.run(main, flags_parser=parse_flags_or_exit)
 
