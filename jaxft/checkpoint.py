@@ -120,6 +120,7 @@ class Checkpoints:
       reason = _storage_problem(e)
       if reason is None:
         raise
+      _quiet_failed_save_threads()
       which = f"checkpoint step {step}" if step is not None else "a checkpoint"
       fail(f"saving {which} in {self._manager.directory} failed: {reason}; the checkpoints "
            "saved before are intact. Free disk space (or fix the folder's permissions) and run "
@@ -203,6 +204,18 @@ class Checkpoints:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def _quiet_failed_save_threads() -> None:
+  """After a failed async save, orbax's background threads and asyncio loops fail again while
+  the process exits and print tracebacks of the same failure; it is reported once, in one
+  line, so their hooks and loggers are silenced."""
+  import logging
+  import sys
+  import threading
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+  threading.excepthook = lambda args: None
+  sys.unraisablehook = lambda unraisable: None
 
 
 _STORAGE_PROBLEMS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

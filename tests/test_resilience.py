@@ -83,6 +83,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_ends_identical(
   assert train_a == train_b
 
 
+@pytest.mark.slow  # 3 min on 2 cores; `pytest -m slow`, or `python tests/exact_resume.py --kills=5`
 def test_sigkill_at_five_random_steps_resumes_bit_identical(tmp_path):
   """tests/exact_resume.py: 5 SIGKILLs (one as an async save starts), parameters compared."""
   result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "exact_resume.py"),
