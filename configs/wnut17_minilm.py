@@ -9,13 +9,11 @@ holding only whitespace end sentences. A token that the tokenizer turns into not
 file holds a zero-width space) is read as [UNK], so it keeps its tag.
 """
 
-import importlib.util
 import os
+
+from jaxft.config import load_config_file
 
 
 def get_config():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conll03_minilm.py")
-  spec = importlib.util.spec_from_file_location("conll03_minilm", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                       "conll03_minilm.py"))

@@ -257,6 +257,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
   check_rules(c.parallel.param_rules)
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file given by path (one config file building on another, tests)."""
+  import importlib.util
+  import os
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def resolve_task_defaults(c: ml_collections.ConfigDict) -> None:
   """Fills the keys whose default depends on the task (the selection metric and direction), so
   that config.json records what the run used."""

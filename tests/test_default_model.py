@@ -1,21 +1,18 @@
 """The real default model (all-MiniLM-L6-v2) end to end, short; the full SST-2 check is `slow`."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 from jaxft import evaluate, models, tasks, train
+from jaxft.config import load_config_file
 from jaxft.metrics import read_metrics
 from tests.conftest import REPO, SHARED_DATA
 
 
 def _config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return load_config_file(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def test_safetensors_are_converted_like_transformers_does(minilm_dir):
