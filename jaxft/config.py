@@ -15,7 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxft.errors import fail
-from jaxft import peft, tasks
+from jaxft import hash_rng, peft, tasks
 from jaxft.parallel import DEFAULT_PARAM_RULES, check_rules
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -99,6 +99,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   c.train.compute_dtype = "float32"
+  # Dropout masks: "hash" (a counter hash fused into the dropout multiply; threefry's bits cost
+  # ~25% of a CPU train step) or "threefry" (JAX's default generator). See jaxft/hash_rng.py.
+  c.train.dropout_rng = "hash"
   # A step whose loss or gradient is not finite changes nothing; then "stop" ends training with
   # an error naming the step (checkpoints keep the last good state), "skip" goes on.
   c.train.nonfinite = "stop"
@@ -218,6 +221,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _non_negative("train.early_stopping_patience", t.early_stopping_patience)
   _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
+  _one_of("train.dropout_rng", t.dropout_rng, hash_rng.DROPOUT_RNGS)
 
   _one_of("peft.method", c.peft.method, peft.METHODS)
   _positive("peft.lora.rank", c.peft.lora.rank)

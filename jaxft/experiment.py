@@ -156,13 +156,15 @@ class JitTrainer:
   def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
     self.exp = exp
     fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
-                                  exp.config.train.grad_accum_steps)
+                                  exp.config.train.grad_accum_steps,
+                                  dropout_rng=exp.config.train.dropout_rng)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._step = jax.jit(
         fn, in_shardings=(self.state_shardings, exp.frozen_shardings(),
                           parallel.batch_sharding(exp.mesh)),
         out_shardings=(self.state_shardings, parallel.replicated(exp.mesh)),
         donate_argnums=(0,))
+    self._compiled: dict[int, Any] = {}  # batch width -> compiled step (precompile)
 
   def place(self, state: dict) -> dict:
     """A fresh or restored state (already laid out by the abstract state's shardings)."""
@@ -171,8 +173,17 @@ class JitTrainer:
   def device_batch(self, host_batch: dict) -> dict:
     return parallel.to_devices(host_batch, self.exp.mesh)
 
+  def precompile(self, state: dict, frozen: dict, host_batches: list[dict]) -> None:
+    """Compiles the step for each batch shape before training starts (one per bucket length the
+    data can produce), so no new shape compiles mid-run; `step` then calls these programs."""
+    for host_batch in host_batches:
+      width = host_batch["input_ids"].shape[1]
+      if width not in self._compiled:
+        batch = self.device_batch(host_batch)
+        self._compiled[width] = self._step.lower(state, frozen, batch).compile()
+
   def step(self, state: dict, frozen: dict, batch: dict):
-    return self._step(state, frozen, batch)
+    return self._compiled.get(batch["input_ids"].shape[1], self._step)(state, frozen, batch)
 
   def savable(self, state: dict) -> dict:
     return state
@@ -188,7 +199,8 @@ class PmapTrainer:
     self.exp = exp
     fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
                                   exp.config.train.grad_accum_steps,
-                                  reduce_axis=parallel.PMAP_AXIS)
+                                  reduce_axis=parallel.PMAP_AXIS,
+                                  dropout_rng=exp.config.train.dropout_rng)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._step = jax.pmap(fn, axis_name=parallel.PMAP_AXIS, in_axes=(0, 0, 0),
                           donate_argnums=(0,))
@@ -199,6 +211,9 @@ class PmapTrainer:
 
   def device_batch(self, host_batch: dict) -> dict:
     return parallel.to_pmap_devices(host_batch)
+
+  def precompile(self, state: dict, frozen: dict, host_batches: list[dict]) -> None:
+    """pmap (the legacy mode) compiles each batch shape on its first use."""
 
   def step(self, state: dict, frozen: dict, batch: dict):
     if self._frozen is None:  # replicated once, then reused by every step

@@ -16,11 +16,52 @@ def default_compilation_cache_dir() -> str:
   return os.path.join(base, "jaxft", "xla")
 
 
+class CompileStats:
+  """XLA compilations in this process, counted through jax.monitoring.
+
+  `programs`/`seconds`: every program handed to XLA and the time it took, persistent-cache
+  loads included (`cache_hits` of them). Training logs these cumulatively, so a new shape
+  compiled mid-run shows up as a jump (tests/test_train.py checks that none do after epoch 1).
+  """
+  programs = 0
+  seconds = 0.0
+  cache_hits = 0
+
+  @classmethod
+  def snapshot(cls) -> dict:
+    return {"compiles": cls.programs, "compile_seconds": cls.seconds,
+            "compile_cache_hits": cls.cache_hits}
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+  if event == "/jax/core/compile/backend_compile_duration":
+    CompileStats.programs += 1
+    CompileStats.seconds += duration
+
+
+def _count_cache_hit(event: str, **_) -> None:
+  if event == "/jax/compilation_cache/cache_hits":
+    CompileStats.cache_hits += 1
+
+
+_listening = False
+
+
+def count_compilations() -> None:
+  global _listening
+  if not _listening:
+    jax.monitoring.register_event_duration_secs_listener(_count_compile)
+    jax.monitoring.register_event_listener(_count_cache_hit)
+    _listening = True
+
+
 def configure_jax() -> None:
-  """Turns on the persistent compilation cache, so a repeated run skips compiling.
+  """Turns on the persistent compilation cache, so a repeated run skips compiling, and counts
+  compilations (CompileStats).
 
   JAX_COMPILATION_CACHE_DIR, when set, wins (JAX reads it itself).
   """
+  count_compilations()
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", default_compilation_cache_dir())
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

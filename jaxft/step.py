@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from jaxft import hash_rng
+
 LogitsFn = Callable[[dict, dict, jax.Array, bool], jax.Array]
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -39,7 +41,7 @@ def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dic
 
 def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
-                    reduce_axis: Optional[str] = None):
+                    reduce_axis: Optional[str] = None, dropout_rng: str = "hash"):
   """Returns train_step(state, frozen, batch) -> (state, metrics); jit it with donation.
 
   `loss_fn(logits, batch)` is the task's (jaxft.tasks): a summed loss and the summed weight it
@@ -53,10 +55,13 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
   With gradient accumulation the global batch is split into `grad_accum_steps` micro-batches that
   run one after another (lax.scan); summed losses and weights make the result the same as one pass
   over the whole batch.
+
+  `dropout_rng` picks the generator of dropout masks (jaxft.hash_rng: "hash" is a fused
+  counter hash, "threefry" JAX's default); the state always keeps a threefry key.
   """
 
   def summed_loss(params, frozen, micro, rng):
-    logits = logits_fn(combine(params, frozen), micro, rng, True)
+    logits = logits_fn(combine(params, frozen), micro, hash_rng.dropout_key(rng, dropout_rng), True)
     return loss_fn(logits, micro)
 
   # Differentiates the trainable `params` only (argument 0); `frozen` is a constant.

@@ -112,8 +112,29 @@ def _prefetch(items: Iterator, size: int = 2) -> Iterator:
     yield item
 
 
+def _timed(items: Iterator, waited: list) -> Iterator:
+  """Yields from `items`, adding the seconds spent waiting for each item to waited[0]."""
+  while True:
+    start = time.perf_counter()
+    try:
+      item = next(items)
+    except StopIteration:
+      return
+    waited[0] += time.perf_counter() - start
+    yield item
+
+
+def _one_example_per_bucket(data, buckets) -> list[int]:
+  """An example of each bucket length the data falls into: the batch shapes training can meet
+  (a batch is padded to the bucket of its longest example)."""
+  first: dict[int, int] = {}
+  for i, n in enumerate(data.lengths):
+    first.setdefault(batching.bucket_for(int(n), buckets), i)
+  return [first[b] for b in sorted(first)]
+
+
 def _train_batches(exp, trainer, data, start_step: int, num_steps: int, spe: int) -> Iterator:
-  """(step, device batch) from `start_step` on; batch = f(seed, epoch, index in epoch)."""
+  """(step, padded width, device batch) from `start_step` on; batch = f(seed, epoch, index)."""
   c = exp.config
   epoch_cache: dict[int, list] = {}
   for step in range(start_step, num_steps):
@@ -192,9 +213,9 @@ class _PreemptionWatch:
 
 
 def _check_finite(pending: list, policy: str) -> int:
-  """The number of non-finite steps among `pending` [(step, metrics)]; an error under "stop"."""
-  flags = jax.device_get([m["finite"] for _, m in pending])
-  bad = [step for (step, _), ok in zip(pending, flags) if not ok]
+  """The number of non-finite steps among `pending` [(step, _, metrics)]; an error under "stop"."""
+  flags = jax.device_get([m["finite"] for _, _, m in pending])
+  bad = [step for (step, _, _), ok in zip(pending, flags) if not ok]
   if bad and policy == "stop":
     fail(f"the loss or gradient is not finite at step {bad[0]}; training stopped and the last "
          "good checkpoint is kept (that step changed nothing). Lower train.learning_rate, "
@@ -202,16 +223,24 @@ def _check_finite(pending: list, policy: str) -> int:
   return len(bad)
 
 
-def _summarise(pending: list, seconds: float) -> dict:
-  """Averages the device metrics of the steps since the last log (one device-to-host pull)."""
-  host = jax.device_get([m for _, m in pending])
+def _summarise(pending: list, seconds: float, input_wait: float) -> dict:
+  """Averages the device metrics of the steps since the last log (one device-to-host pull).
+
+  pending: (step, padded tokens of the batch, device metrics) per step. `padding_fraction` is
+  the share of the computed token positions that were padding; `input_wait_fraction` the share
+  of the interval the loop spent waiting for its next batch (an upper bound on input stalls).
+  """
+  host = jax.device_get([m for _, _, m in pending])
   examples = sum(float(m["examples"]) for m in host)
   tokens = sum(float(m["tokens"]) for m in host)
+  padded = sum(p for _, p, _ in pending)
   return {
       "loss": sum(float(m["loss"]) * float(m["examples"]) for m in host) / max(examples, 1.0),
       "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
       "learning_rate": float(host[-1]["learning_rate"]),
       "examples_per_sec": examples / seconds, "tokens_per_sec": tokens / seconds,
+      "padding_fraction": 1.0 - tokens / max(padded, 1.0),
+      "input_wait_fraction": min(1.0, input_wait / seconds),
   }
 
 
@@ -284,6 +313,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   state = trainer.place(state)
   eval_step = exp.jit_eval_step()
   frozen = exp.frozen()
+  if start < num_steps:
+    trainer.precompile(state, frozen, [exp.host_batch(train_data, [i], t.batch_size)
+                                       for i in _one_example_per_bucket(train_data, exp.buckets)])
 
   def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
     epoch, index = divmod(step, spe)
@@ -297,15 +329,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   for line in progress_log:
     progress.write(line)
   pending, last_log, shapes_seen = [], time.perf_counter(), set()
+  input_wait = [0.0]  # seconds the loop waited for batches since the last log
   eval_metrics: Optional[dict] = None
   done, stopped_early = start, False
   preemption = _PreemptionWatch()
   try:
-    for step, width, batch in _prefetch(
-        _train_batches(exp, trainer, train_data, start, num_steps, spe)):
+    for step, width, batch in _timed(_prefetch(
+        _train_batches(exp, trainer, train_data, start, num_steps, spe)), input_wait):
       state, step_metrics = trainer.step(state, frozen, batch)
       done = step + 1
-      pending.append((done, step_metrics))
+      pending.append((done, t.batch_size * width, step_metrics))
       shapes_seen.add(width)
 
       preempted = preemption.requested(ckpts, done)
@@ -316,12 +349,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         skipped = _check_finite(pending, t.nonfinite)  # before anything is logged, evaluated, saved
       if log_now:
         now = time.perf_counter()
-        summary = _summarise(pending, now - last_log)
+        summary = _summarise(pending, now - last_log, input_wait[0])
         summary["skipped_steps"] = skipped
         summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
+        summary.update(runtime.CompileStats.snapshot())  # cumulative, this process
         summary["trainable_params"] = counts["trainable"]
         summary["total_params"] = counts["total"]
-        pending, last_log = [], now
+        pending, last_log, input_wait[0] = [], now, 0.0
         writer.write(done, "train", summary)
         progress.update(loss=f"{summary['loss']:.4f}",
                         ex_s=f"{summary['examples_per_sec']:.1f}")
@@ -350,7 +384,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
           best, evals_since_best = evaluated[k.best_metric], 0
         else:
           evals_since_best += 1
-        last_log = time.perf_counter()  # evaluation time is not training throughput
+        last_log, input_wait[0] = time.perf_counter(), 0.0  # not training throughput
 
       stop = bool(t.early_stopping_patience and evaluated is not None
                   and evals_since_best >= t.early_stopping_patience)
@@ -372,6 +406,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   if jax.process_index() == 0:
     print(f"done: step {done if stopped_early else num_steps}, best checkpoint step "
           f"{best_step} ({k.best_metric}={best})", flush=True)
+    compiled = runtime.CompileStats
+    print(f"compiled {compiled.programs} programs in {compiled.seconds:.1f} s "
+          f"({compiled.cache_hits} loaded from the compilation cache)", flush=True)
   return eval_metrics or {}
 
 

@@ -72,3 +72,30 @@ def test_early_stopping_ends_training(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config, workdir)
   val_steps = [r["step"] for r in read_metrics(workdir, "validation")]
   assert val_steps == [2, 4, 6]  # the first sets the best; two evaluations without improvement
+
+
+def test_no_compilation_after_the_first_epoch(tiny_config, tmp_path):
+  """Sentences of 3 to ~45 word pieces fall into three bucket lengths; every shape is compiled
+  in epoch 1 (training and evaluation), none after it, and the logs say how much was padding."""
+  import random
+  from conftest import FILLER, write_tsv
+  rng = random.Random(0)
+  rows = [(" ".join(rng.choice(FILLER) for _ in range(rng.choice([1, 2, 5, 12, 20, 40]))) +
+           (" good" if y else " bad"), y) for y in [i % 2 for i in range(192)]]
+  train_file = write_tsv(tmp_path / "train.tsv", rows)
+  config = tiny_config
+  with config.unlocked():
+    config.data.train_file = config.data.validation_file = train_file
+    config.train.num_epochs, config.train.log_every = 3.0, 1
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  records = [r for r in read_metrics(workdir) if r["split"] == "train"]
+  assert len(records) == 36 and records[-1]["batch_shapes"] >= 3
+  after_first_epoch = [r["compiles"] for r in records if r["step"] > 12]
+  assert after_first_epoch == [records[-1]["compiles"]] * 24, after_first_epoch
+  assert records[0]["compiles"] == records[11]["compiles"]  # all training shapes before step 1
+  # Mean length ~16 of 64: padded to max_seq_length, 3/4 of the positions would be padding
+  # (bucketed: ~0.48, most of it the 4-8 token rows in the 16 bucket).
+  padding = [r["padding_fraction"] for r in records]
+  assert 0.0 < min(padding) and sum(padding) / len(padding) < 0.6
+  assert all(0.0 <= r["input_wait_fraction"] <= 1.0 for r in records)

@@ -1,0 +1,74 @@
+"""A counter-based hash PRNG for dropout masks: cheap on every backend, and it fuses.
+
+Why: on XLA's CPU backend, JAX's threefry (and RBG) random bits cost about 28 ns per number
+(measured on this project's 2-core machine: 13 dropout masks of 32 x 128 x 384, 0.37 s). A
+MiniLM train step at 32 x 128 draws ~20 million of them, and dropout made the step ~25% slower
+than the same step without dropout. Here every random word is a pure function of (key, element
+index): an integer hash (MurmurHash3's 32-bit finaliser, twice, with the key mixed in) of an
+iota, a handful of integer ops that XLA fuses into the dropout multiply, so the masks cost almost
+nothing and are never materialised.
+
+Dropout needs independent, unbiased bits, not cryptographic ones; the tests check the keep rate,
+neighbour correlation and key sensitivity. Splitting and folding keys reuse threefry on the tiny
+key words, so `split`/`fold_in` behave exactly like JAX's default. The choice is
+`train.dropout_rng` ("hash", the default, or "threefry" for JAX's own bits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.extend.random
+import jax.numpy as jnp
+import numpy as np
+
+DROPOUT_RNGS = ("hash", "threefry")
+
+_GOLDEN = np.uint32(0x9E3779B1)
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's finaliser: every input bit flips each output bit with probability ~1/2."""
+  h = h ^ (h >> 16)
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _element_index(shape: tuple[int, ...]) -> jax.Array:
+  """The row-major index of every element (uint32, wrapping past 2**32 elements)."""
+  index = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(len(shape))):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride % 2**32)
+    stride *= shape[dim]
+  return index
+
+
+def _random_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
+  word = _fmix32(_fmix32(_element_index(shape) * _GOLDEN ^ key[0]) + key[1])
+  if bit_width == 64:
+    high = _fmix32(word ^ key[0] + _GOLDEN)
+    return (high.astype(jnp.uint64) << 32) | word.astype(jnp.uint64)
+  return word.astype(jnp.dtype(f"uint{bit_width}"))
+
+
+def _as_threefry(key: jax.Array) -> jax.Array:
+  return jax.random.wrap_key_data(key, impl="threefry2x32")
+
+
+HASH_IMPL = jax.extend.random.define_prng_impl(
+    key_shape=(2,),
+    seed=lambda seed: jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
+    split=lambda key, shape: jax.random.key_data(jax.random.split(_as_threefry(key), shape)),
+    random_bits=_random_bits,
+    fold_in=lambda key, data: jax.random.key_data(jax.random.fold_in(_as_threefry(key), data)),
+    name="jaxft_hash32",
+    tag="hsh")
+
+
+def dropout_key(key: jax.Array, kind: str) -> jax.Array:
+  """The key the model's dropout draws from: `key` (a raw threefry key) as a `kind` key."""
+  if kind == "threefry":
+    return key
+  return jax.random.wrap_key_data(jax.random.key_data(key), impl=HASH_IMPL)
