@@ -1,15 +1,28 @@
-r"""Benchmarks: `python -m jaxft.bench [--batch=32 --length=64 --steps=5 --out=bench.json]`.
+r"""Benchmarks: `python -m jaxft.bench` (speed, the default) and `--suite=peft`.
 
-Measures, in one process and one run, the train-step time of the PEFT methods against full
-fine-tuning at the same batch and sequence length (the default model, fixed shapes, compile time
-excluded), and the size of one checkpoint of each. Prints a markdown table of ratios against full
-fine-tuning and writes the numbers as JSON. Run it on a quiet machine: timings are wall clock.
+Speed (one process, one run; ratios against baselines measured in the same run):
+1. the machine's fp32 matmul peak (a jitted 2048^3 matmul, best of 10);
+2. a fixed-shape train step (default model, `--batch` x `--length`, HF classification head) of
+   jaxft against the plain-jit Hugging Face Flax step and the PyTorch eager loop (when torch is
+   installed), timed round-robin so that machine noise hits all alike; model-FLOPs utilisation
+   (6 x non-embedding params x tokens + attention) against the measured peak;
+3. end-to-end SST-2 fine-tuning (`--train_examples` sentences, one epoch, then all dev
+   sentences), each a fresh process timed from start to its final metrics: jaxft with a cold and
+   then a warm compilation cache, jaxft padded statically to max_seq_length, and the Hugging Face
+   PyTorch Trainer with dynamic padding (when torch is installed); with dev accuracy, compile
+   count and time, padding fraction, input-wait fraction and peak host memory (max RSS).
+It prints markdown tables and writes all numbers as JSON (`--out`). Run it on a quiet machine.
+
+PEFT (`--suite=peft`): train-step time and checkpoint size of LoRA, BitFit and head-only
+training against full fine-tuning at `--batch` x `--length`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -17,10 +30,12 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxft import experiment, runtime
+from jaxft import baselines, experiment, models, runtime
 from jaxft.checkpoint import Checkpoints
 from jaxft.config import base_config
 from jaxft.data.encode import Encoded
+
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 METHODS = (("full", {"peft.method": "none"}),
@@ -31,6 +46,7 @@ METHODS = (("full", {"peft.method": "none"}),
 
 def _config(overrides: dict, batch: int, length: int):
   c = base_config()
+  c.model.pooling = "default"  # the HF classification head, as in the baselines
   c.data.train_file = "unused"
   c.data.max_seq_length = length
   c.data.bucket_lengths = (length,)
@@ -43,13 +59,11 @@ def _config(overrides: dict, batch: int, length: int):
   return c
 
 
-def _synthetic(batch: int, length: int, seed: int = 0) -> Encoded:
+def _synthetic(batch: int, length: int) -> Encoded:
   """Full-length random token ids: every batch has exactly the benchmark shape."""
-  rng = np.random.default_rng(seed)
-  ids = [np.concatenate([[101], rng.integers(1000, 20000, length - 2), [102]]).astype(np.int32)
-         for _ in range(batch)]
-  return Encoded(ids, [np.zeros(length, np.int32)] * batch,
-                 rng.integers(0, 2, batch).astype(np.int32))
+  ids = baselines.synthetic_ids(batch, length)
+  return Encoded(list(ids), [np.zeros(length, np.int32)] * batch,
+                 (np.arange(batch) % 2).astype(np.int32))
 
 
 def time_method(overrides: dict, batch: int, length: int, steps: int) -> dict:
@@ -96,26 +110,258 @@ def peft_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+# ---- speed: matmul peak, fixed-shape step --------------------------------------------------------
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+  """The best fp32 matmul rate of this backend (GFLOP/s): the yardstick for utilisation."""
+  import jax.numpy as jnp
+  a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  matmul = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
+  jax.block_until_ready(matmul(a, a))
+  best = float("inf")
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e9
+
+
+def train_flops(hf_config, non_embedding_params: int, batch: int, length: int) -> float:
+  """Model FLOPs of one train step: 6 per parameter per token (forward 2, backward 4) plus the
+  attention scores and mixing (2 matmuls of length^2 x hidden per layer, x3 for the backward)."""
+  tokens = batch * length
+  attention = 12 * hf_config.num_hidden_layers * hf_config.hidden_size * length * tokens
+  return 6.0 * non_embedding_params * tokens + attention
+
+
+def _non_embedding_params(params: dict) -> int:
+  from flax import traverse_util
+  return sum(int(np.prod(v.shape)) for k, v in traverse_util.flatten_dict(params).items()
+             if "embeddings" not in k)
+
+
+def jaxft_step(batch: int, length: int):
+  """() -> one jaxft train step (full fine-tuning, synchronised); and the experiment."""
+  config = _config({"peft.method": "none"}, batch, length)
+  exp = experiment.build(config, label_names=("0", "1"), read_train=False)
+  tx, schedule = exp.optimizer(10_000)
+  trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
+  state = [trainer.place(exp.init_state(tx))]
+  data = _synthetic(batch, length)
+  device_batch = trainer.device_batch(exp.host_batch(data, np.arange(batch), batch))
+  frozen = exp.frozen()
+
+  def step():
+    state[0], metrics = trainer.step(state[0], frozen, device_batch)
+    jax.block_until_ready(metrics)
+
+  return step, exp
+
+
+def round_robin(steps: dict, rounds: int) -> dict:
+  """Median seconds per call of each step function, timed in turns (first call: compile)."""
+  first, times = {}, {name: [] for name in steps}
+  for name, step in steps.items():
+    start = time.perf_counter()
+    step()
+    first[name] = time.perf_counter() - start
+  for _ in range(rounds):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return {name: {"step_s": float(np.median(t)), "step_s_all": t, "first_call_s": first[name]}
+          for name, t in times.items()}
+
+
+def fixed_shape(batch: int, length: int, rounds: int, torch: bool) -> dict:
+  peak = matmul_peak_gflops()
+  step, exp = jaxft_step(batch, length)
+  model_dir = models.resolve_model_dir(exp.config.model.name_or_path)
+  steps = {"jaxft": step, "plain jit (HF Flax + optax)": baselines.plain_flax_step(
+      model_dir, batch, length)}
+  torch_step = baselines.torch_eager_step(model_dir, batch, length) if torch else None
+  if torch_step is not None:
+    import torch as torch_lib
+    torch_lib.set_num_threads(os.cpu_count() or 1)
+    steps["PyTorch eager"] = torch_step
+  results = round_robin(steps, rounds)
+  flops = train_flops(exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch,
+                      length)
+  for r in results.values():
+    r["tokens_per_s"] = batch * length / r["step_s"]
+    r["mfu"] = flops / r["step_s"] / (peak * 1e9)
+  return {"batch": batch, "length": length, "matmul_peak_gflops": peak, "train_flops": flops,
+          "steps": results}
+
+
+def fixed_shape_table(r: dict) -> str:
+  base = r["steps"]["jaxft"]["step_s"]
+  lines = [f"Fixed shape: batch {r['batch']} x {r['length']} tokens, median of the timed steps; "
+           f"measured fp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s, "
+           f"{r['train_flops'] / 1e9:.0f} GFLOP per step\n",
+           "| step | s/step | tokens/s | jaxft speed-up | MFU |", "|---|---|---|---|---|"]
+  for name, s in r["steps"].items():
+    lines.append(f"| {name} | {s['step_s']:.2f} | {s['tokens_per_s']:.0f} | "
+                 f"{s['step_s'] / base:.2f}x | {100 * s['mfu']:.0f}% |")
+  return "\n".join(lines)
+
+
+# ---- speed: end to end -----------------------------------------------------------------------------
+def _high_water_mb(pid: int) -> float:
+  """The process's peak resident memory so far (VmHWM), 0 once it has exited."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return 0.0
+
+
+def timed_process(cmd: list[str], env: dict) -> dict:
+  """Runs `cmd`: wall seconds from start to exit, peak RSS (MB) and its output.
+
+  The peak is the child's VmHWM, sampled until it exits (getrusage's ru_maxrss of a child
+  keeps the parent's high-water mark across fork and exec: here, the benchmark's own).
+  """
+  import threading
+  start = time.perf_counter()
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  peak = [0.0]
+
+  def sample():
+    while proc.poll() is None:
+      peak[0] = max(peak[0], _high_water_mb(proc.pid))
+      time.sleep(0.2)
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  output = proc.stdout.read()
+  proc.wait()
+  seconds = time.perf_counter() - start
+  sampler.join()
+  if proc.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-3000:]}")
+  return {"wall_s": seconds, "peak_rss_mb": peak[0], "output": output}
+
+
+def jaxft_e2e(name: str, data: dict, cache_dir: str, workdir: str, extra: tuple = ()) -> dict:
+  from jaxft.metrics import read_metrics
+  cmd = [sys.executable, "-m", "jaxft.train", f"--config={CONFIGS_DIR}/sst2_minilm.py",
+         f"--workdir={workdir}", f"--config.data.train_file={data['train_file']}",
+         f"--config.data.validation_file={data['validation_file']}",
+         f"--config.data.max_train_examples={data['examples']}",
+         f"--config.train.batch_size={data['batch']}",
+         f"--config.train.learning_rate={data['learning_rate']}", *extra]
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
+  result = timed_process(cmd, env)
+  records = read_metrics(workdir)
+  train = [r for r in records if r["split"] == "train"]
+  last = train[-1]
+  result.update(
+      name=name, accuracy=[r for r in records if r["split"] == "validation"][-1]["accuracy"],
+      compiles=last["compiles"], compile_s=last["compile_seconds"],
+      cache_hits=last["compile_cache_hits"],
+      padding_fraction=float(np.mean([r["padding_fraction"] for r in train])),
+      input_wait_fraction=float(np.mean([r["input_wait_fraction"] for r in train])))
+  return result
+
+
+def trainer_e2e(data: dict) -> dict:
+  cmd = [sys.executable, "-m", "jaxft.baselines",
+         f"--model_dir={models.resolve_model_dir('minilm')}",
+         f"--train_file={data['train_file']}", f"--validation_file={data['validation_file']}",
+         f"--examples={data['examples']}", f"--batch={data['batch']}",
+         f"--learning_rate={data['learning_rate']}", "--padding=dynamic"]
+  result = timed_process(cmd, {**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+  result.update(json.loads(result["output"].strip().splitlines()[-1]),
+                name="HF PyTorch Trainer (dynamic padding)")
+  return result
+
+
+def end_to_end(data: dict, torch: bool) -> list[dict]:
+  runs = []
+  with tempfile.TemporaryDirectory() as tmp:
+    cache = os.path.join(tmp, "xla_cache")
+    runs.append(jaxft_e2e("jaxft, cold compilation cache", data, cache, f"{tmp}/cold"))
+    runs.append(jaxft_e2e("jaxft, warm compilation cache", data, cache, f"{tmp}/warm"))
+    runs.append(jaxft_e2e("jaxft padded to 128 (static), cold cache", data,
+                          os.path.join(tmp, "xla_cache_static"), f"{tmp}/static",
+                          ("--config.data.bucket_lengths=(128,)",)))
+    if torch:
+      runs.append(trainer_e2e(data))
+  for r in runs:
+    del r["output"]
+  return runs
+
+
+def end_to_end_table(runs: list[dict], data: dict) -> str:
+  by = {r["name"]: r for r in runs}
+  static = by["jaxft padded to 128 (static), cold cache"]["wall_s"]
+  trainer = by.get("HF PyTorch Trainer (dynamic padding)", {}).get("wall_s")
+  lines = [f"End to end: SST-2, {data['examples']} training sentences, batch {data['batch']}, lr "
+           f"{data['learning_rate']}, one epoch, then the {data['validation_file']} sentences; "
+           "process start to final metrics\n",
+           "| run | wall (s) | speed-up vs static 128 | vs PyTorch Trainer | dev accuracy | "
+           "compiles (cache hits) | compile (s) | padding | input wait | peak RSS (MB) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in runs:
+    vs_trainer = f"{trainer / r['wall_s']:.2f}x" if trainer else "n/a"
+    compiled = (f"{r['compiles']} ({r['cache_hits']}) | {r['compile_s']:.1f} | "
+                f"{100 * r['padding_fraction']:.0f}% | {100 * r['input_wait_fraction']:.1f}%"
+                if "compiles" in r else "n/a | n/a | n/a | n/a")
+    lines.append(f"| {r['name']} | {r['wall_s']:.1f} | {static / r['wall_s']:.2f}x | "
+                 f"{vs_trainer} | {r['accuracy']:.4f} | {compiled} | {r['peak_rss_mb']:.0f} |")
+  return "\n".join(lines)
+
+
+def _torch_installed() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("torch") is not None
+
+
 def run() -> None:
-  batch_flag = flags.DEFINE_integer("batch", 32, "Batch size.")
-  length_flag = flags.DEFINE_integer("length", 64, "Sequence length (tokens).")
-  steps_flag = flags.DEFINE_integer("steps", 5, "Timed steps per method (after one to compile).")
+  suite_flag = flags.DEFINE_enum("suite", "speed", ["speed", "peft"], "Which benchmark to run.")
+  batch_flag = flags.DEFINE_integer("batch", 32, "Batch size of the fixed-shape steps.")
+  length_flag = flags.DEFINE_integer("length", 128, "Sequence length of the fixed-shape steps.")
+  steps_flag = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one to compile).")
+  train_flag = flags.DEFINE_string(
+      "train_file", None, "SST-2 train.tsv for the end-to-end runs (e.g. "
+      "../shared/data/sst2/train.tsv); without it only the fixed-shape part runs.")
+  dev_flag = flags.DEFINE_string("validation_file", None, "SST-2 dev.tsv for the end-to-end runs.")
+  examples_flag = flags.DEFINE_integer("train_examples", 2000, "Training sentences end to end.")
+  torch_flag = flags.DEFINE_bool("torch", True, "Include the PyTorch baselines (if installed).")
   out_flag = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
   def bench():
     runtime.configure_jax()
-    results = {name: time_method(overrides, batch_flag.value, length_flag.value,
-                                 steps_flag.value) for name, overrides in METHODS}
-    print(f"train step, default model, batch {batch_flag.value} x {length_flag.value} tokens, "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s), median of "
-          f"{steps_flag.value} steps:\n")
-    print(peft_table(results))
+    batch, length, steps = batch_flag.value, length_flag.value, steps_flag.value
+    out = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
+    print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+          f"{os.cpu_count()} CPU cores\n", flush=True)
+    if suite_flag.value == "peft":
+      out["peft"] = {name: time_method(overrides, batch, length, steps)
+                     for name, overrides in METHODS}
+      print(f"train step, default model, batch {batch} x {length} tokens, median of {steps} "
+            f"steps:\n\n{peft_table(out['peft'])}")
+    else:
+      torch = torch_flag.value and _torch_installed()
+      out["fixed_shape"] = fixed_shape(batch, length, steps, torch)
+      print(fixed_shape_table(out["fixed_shape"]) + "\n", flush=True)
+      if train_flag.value and dev_flag.value:
+        data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
+                "examples": examples_flag.value, "batch": 32, "learning_rate": 1e-4}
+        out["end_to_end"] = end_to_end(data, torch)
+        print(end_to_end_table(out["end_to_end"], data))
+      else:
+        print("(end-to-end runs skipped: give --train_file and --validation_file)")
     if out_flag.value:
       with open(out_flag.value, "w") as f:
-        json.dump({"batch": batch_flag.value, "length": length_flag.value,
-                   "devices": [str(d) for d in jax.devices()], "peft": results}, f, indent=2)
+        json.dump(out, f, indent=2)
 
-  runtime.run_main(bench, example="--batch=32")
+  runtime.run_main(bench, example="--suite=speed", uses_torch=True)  # the PyTorch baselines
 
 if __name__ == "__main__":
   run()

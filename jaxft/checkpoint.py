@@ -35,6 +35,7 @@ class Checkpoints:
     self.best_metric = ckpt_config.best_metric
     self.best_mode = ckpt_config.best_mode
     self._writing: Optional[int] = None  # the step of an async save that may be in flight
+    drop_closed_loop_tracebacks()
     directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(directory):
       fail(f"{workdir} holds no checkpoints (no {directory}); train first with "
@@ -204,6 +205,40 @@ class Checkpoints:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def _is_closed_loop_noise(error: Optional[BaseException]) -> bool:
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def drop_closed_loop_tracebacks() -> None:
+  """Silences exactly one kind of noise: when an async save fails, orbax closes the save's
+  asyncio loop while tensorstore still completes writes from its native threads; each late
+  completion calls into the closed loop and is printed as a "RuntimeError: Event loop is closed"
+  traceback (native code reports it through sys.excepthook) *before* the failure reaches jaxft,
+  which reports it in one line. Every other error still reaches the previous hooks."""
+  import sys
+  import threading
+  if getattr(sys.excepthook, "drops_closed_loop_noise", False):
+    return
+  previous_excepthook, previous_thread_hook = sys.excepthook, threading.excepthook
+  previous_unraisable = sys.unraisablehook
+
+  def excepthook(kind, value, traceback):
+    if not _is_closed_loop_noise(value):
+      previous_excepthook(kind, value, traceback)
+
+  def thread_hook(args):
+    if not _is_closed_loop_noise(args.exc_value):
+      previous_thread_hook(args)
+
+  def unraisable_hook(unraisable):
+    if not _is_closed_loop_noise(unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  excepthook.drops_closed_loop_noise = True
+  sys.excepthook, threading.excepthook = excepthook, thread_hook
+  sys.unraisablehook = unraisable_hook
 
 
 def _quiet_failed_save_threads() -> None:

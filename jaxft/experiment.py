@@ -4,8 +4,10 @@ the jitted steps, the state's shapes and shardings, and the evaluation loop.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from typing import Callable, Optional, Sequence
+import os
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -173,14 +175,27 @@ class JitTrainer:
   def device_batch(self, host_batch: dict) -> dict:
     return parallel.to_devices(host_batch, self.exp.mesh)
 
-  def precompile(self, state: dict, frozen: dict, host_batches: list[dict]) -> None:
-    """Compiles the step for each batch shape before training starts (one per bucket length the
-    data can produce), so no new shape compiles mid-run; `step` then calls these programs."""
+  def precompile(self, state: dict, frozen: dict, host_batches: list[dict], eval_step=None,
+                 eval_host_batches: Sequence[dict] = ()) -> None:
+    """Compiles the train step for each batch shape (one per bucket length the data can
+    produce) and the eval step for each evaluation shape before training starts, several at
+    once: no new shape compiles mid-run, and compiling in parallel threads (XLA releases the
+    GIL) overlaps what would be one stall per shape. `step` calls these programs; the jitted
+    eval step finds its compiled programs in jax's cache."""
+    jobs = []  # (batch width or None for eval, lowered computation), lowered one at a time
     for host_batch in host_batches:
       width = host_batch["input_ids"].shape[1]
       if width not in self._compiled:
-        batch = self.device_batch(host_batch)
-        self._compiled[width] = self._step.lower(state, frozen, batch).compile()
+        jobs.append((width, self._step.lower(state, frozen, self.device_batch(host_batch))))
+    for host_batch in eval_host_batches:
+      jobs.append((None, eval_step.lower(self.params(state), frozen,
+                                         self.device_batch(host_batch))))
+    threads = max(1, min(len(jobs), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      compiled = list(pool.map(lambda job: job[1].compile(), jobs))
+    for (width, _), program in zip(jobs, compiled):
+      if width is not None:
+        self._compiled[width] = program
 
   def step(self, state: dict, frozen: dict, batch: dict):
     return self._compiled.get(batch["input_ids"].shape[1], self._step)(state, frozen, batch)
@@ -212,7 +227,8 @@ class PmapTrainer:
   def device_batch(self, host_batch: dict) -> dict:
     return parallel.to_pmap_devices(host_batch)
 
-  def precompile(self, state: dict, frozen: dict, host_batches: list[dict]) -> None:
+  def precompile(self, state: dict, frozen: dict, host_batches: list[dict], eval_step=None,
+                 eval_host_batches: Sequence[dict] = ()) -> None:
     """pmap (the legacy mode) compiles each batch shape on its first use."""
 
   def step(self, state: dict, frozen: dict, batch: dict):

@@ -114,12 +114,17 @@ def _unquote(error: Exception) -> str:
   return text
 
 
-def run_main(body, required: tuple = (), example: str = "--workdir=DIR") -> None:
+def run_main(body, required: tuple = (), example: str = "--workdir=DIR",
+             uses_torch: bool = False) -> None:
   """Runs an entry point: parses the flags (defined by the caller beforehand), checks that the
   `required` flags (names) are set, then calls `body()`; a user error anywhere is one line and
   exit status 2."""
   from absl import app, flags
   from jaxft.errors import fail, run_cli
+  # jaxft never needs PyTorch (safetensors convert without it), but transformers imports it
+  # whenever it is installed: ~3 s of every command's start. USE_TORCH, when set, wins.
+  if not uses_torch:
+    os.environ.setdefault("USE_TORCH", "0")
   # --debug is filed under the calling entry point's module (absl's name for it), so that its
   # --help lists it with the entry point's own flags.
   caller = sys._getframe(1).f_globals["__name__"]

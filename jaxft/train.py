@@ -133,6 +133,14 @@ def _one_example_per_bucket(data, buckets) -> list[int]:
   return [first[b] for b in sorted(first)]
 
 
+def _one_batch_per_width(data, batch_size: int, buckets) -> list:
+  """The first evaluation batch (indices) of each padded width evaluation will meet."""
+  first: dict[int, list] = {}
+  for indices in batching.eval_batches(data.lengths, batch_size):
+    first.setdefault(batching.bucket_for(int(data.lengths[indices].max()), buckets), indices)
+  return [first[w] for w in sorted(first)]
+
+
 def _train_batches(exp, trainer, data, start_step: int, num_steps: int, spe: int) -> Iterator:
   """(step, padded width, device batch) from `start_step` on; batch = f(seed, epoch, index)."""
   c = exp.config
@@ -314,8 +322,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   eval_step = exp.jit_eval_step()
   frozen = exp.frozen()
   if start < num_steps:
-    trainer.precompile(state, frozen, [exp.host_batch(train_data, [i], t.batch_size)
-                                       for i in _one_example_per_bucket(train_data, exp.buckets)])
+    trainer.precompile(
+        state, frozen,
+        [exp.host_batch(train_data, [i], t.batch_size)
+         for i in _one_example_per_bucket(train_data, exp.buckets)],
+        eval_step, [] if val_data is None else
+        [exp.host_batch(val_data, indices, t.eval_batch_size)
+         for indices in _one_batch_per_width(val_data, t.eval_batch_size, exp.buckets)])
 
   def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
     epoch, index = divmod(step, spe)

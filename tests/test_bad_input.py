@@ -276,13 +276,13 @@ def test_disk_that_fills_during_save(trained, tmp_path):
     room = _used_bytes(disk) + checkpoint_bytes // 2
     subprocess.run(["mount", "-o", f"remount,size={room}", str(disk)], check=True)
     saved = {"workdir": workdir, "digest": _digest(os.path.join(workdir, "checkpoints", "1"))}
-    # Known defect, not hidden: tensorstore's callbacks into orbax's closed event loop may
-    # print "Event loop is closed" tracebacks before jaxft's line (native threads, no Python
-    # hook reaches them). Exit status, the one error line and the intact checkpoint are checked.
     full = subprocess.run([sys.executable, "-m", *args, "--config.train.num_train_steps=3"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     lines = [l for l in full.stderr.splitlines() if l.startswith("jaxft: error:")]
     assert full.returncode == 2 and len(lines) == 1, full.stderr[-2000:]
+    # tensorstore's late callbacks into orbax's closed event loop printed "Event loop is
+    # closed" tracebacks here in 2 of 3 runs (checkpoint.drop_closed_loop_tracebacks).
+    assert "Traceback" not in full.stderr and "Event loop" not in full.stderr, full.stderr[-2000:]
     for fragment in ("no space left on device", "checkpoint step 2", "intact"):
       assert fragment in lines[0], lines[0]
     assert _digest(os.path.join(workdir, "checkpoints", "1")) == saved["digest"]

@@ -74,3 +74,30 @@ def test_missing_best_metric_is_a_clear_error(tmp_path):
 def test_read_only_on_an_empty_workdir_is_a_clear_error(tmp_path):
   with pytest.raises(UserError, match="holds no checkpoints"):
     Checkpoints(str(tmp_path), _ckpt_config(), read_only=True)
+
+
+def test_closed_event_loop_noise_is_dropped_and_other_errors_are_not():
+  """tensorstore's late completions into orbax's closed loop print only noise; nothing else is
+  swallowed by the hooks that drop it."""
+  import sys
+  import threading
+  import types
+  from jaxft.checkpoint import drop_closed_loop_tracebacks
+  saved = sys.excepthook, threading.excepthook, sys.unraisablehook
+  reached = []  # what the hooks underneath (Python's printers) were given
+  try:
+    sys.excepthook = lambda kind, value, tb: reached.append(("main", str(value)))
+    threading.excepthook = lambda args: reached.append(("thread", str(args.exc_value)))
+    sys.unraisablehook = lambda u: reached.append(("unraisable", str(u.exc_value)))
+    drop_closed_loop_tracebacks()
+    drop_closed_loop_tracebacks()  # idempotent: one filter, not a chain of them
+    for error in (RuntimeError("Event loop is closed"), ValueError("a real problem"),
+                  RuntimeError("Event loop is closed while writing")):
+      sys.excepthook(type(error), error, None)
+      threading.excepthook(types.SimpleNamespace(exc_value=error))
+      sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+    assert reached == [(hook, message) for message in
+                       ("a real problem", "Event loop is closed while writing")
+                       for hook in ("main", "thread", "unraisable")]
+  finally:
+    sys.excepthook, threading.excepthook, sys.unraisablehook = saved

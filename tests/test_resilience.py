@@ -34,7 +34,7 @@ def test_a_non_finite_step_leaves_the_state_unchanged(tiny_config):
 
 
 def test_non_finite_policy_stop_names_the_step_and_skip_counts():
-  pending = [(7, {"finite": jnp.asarray(True)}), (8, {"finite": jnp.asarray(False)})]
+  pending = [(7, 512, {"finite": jnp.asarray(True)}), (8, 512, {"finite": jnp.asarray(False)})]
   with pytest.raises(UserError, match="not finite at step 8"):
     train._check_finite(pending, "stop")
   assert train._check_finite(pending, "skip") == 1

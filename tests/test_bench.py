@@ -1,0 +1,47 @@
+"""The benchmark's own measuring tools: peak memory of a child, turn-taking timing, ratios."""
+
+import sys
+
+import numpy as np
+
+from jaxft import bench
+
+
+def test_peak_memory_is_the_childs_own_not_the_benchmarks():
+  """getrusage's children max RSS would report this process's 400 MB for a 30 MB child."""
+  ballast = np.ones(400 * 2 ** 20 // 8)  # noqa: F841 (held while the children run)
+  small = bench.timed_process([sys.executable, "-c", "import time; time.sleep(1.0)"], {})
+  big = bench.timed_process([sys.executable, "-c", "import numpy, time; a = numpy.ones("
+                             f"{250 * 2 ** 20 // 8}); time.sleep(1.0); print('done')"], {})
+  assert small["peak_rss_mb"] < 100, small["peak_rss_mb"]
+  assert 250 < big["peak_rss_mb"] < 400, big["peak_rss_mb"]
+  assert big["output"].strip() == "done" and big["wall_s"] >= 1.0
+
+
+def test_round_robin_compiles_each_step_once_then_times_them_in_turns():
+  calls = []
+  steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+  results = bench.round_robin(steps, rounds=3)
+  assert calls == ["a", "b"] + ["a", "b"] * 3
+  assert len(results["a"]["step_s_all"]) == 3 and results["b"]["step_s"] >= 0
+
+
+def test_tables_print_ratios_against_the_baselines_of_the_same_run():
+  fixed = {"batch": 32, "length": 128, "matmul_peak_gflops": 50.0, "train_flops": 100e9,
+           "steps": {"jaxft": {"step_s": 2.0, "tokens_per_s": 2048.0, "mfu": 1.0},
+                     "plain jit (HF Flax + optax)": {"step_s": 3.0, "tokens_per_s": 1365.0,
+                                                     "mfu": 0.67}}}
+  assert "| plain jit (HF Flax + optax) | 3.00 | 1365 | 1.50x | 67% |" in (
+      bench.fixed_shape_table(fixed))
+  runs = [{"name": "jaxft, cold compilation cache", "wall_s": 50.0, "accuracy": 0.81,
+           "compiles": 9, "cache_hits": 0, "compile_s": 30.0, "padding_fraction": 0.4,
+           "input_wait_fraction": 0.001, "peak_rss_mb": 2000.0},
+          {"name": "jaxft padded to 128 (static), cold cache", "wall_s": 200.0, "accuracy": 0.8,
+           "compiles": 2, "cache_hits": 0, "compile_s": 10.0, "padding_fraction": 0.9,
+           "input_wait_fraction": 0.0, "peak_rss_mb": 2100.0},
+          {"name": "HF PyTorch Trainer (dynamic padding)", "wall_s": 75.0, "accuracy": 0.79,
+           "peak_rss_mb": 1500.0}]
+  table = bench.end_to_end_table(runs, {"examples": 2000, "batch": 32, "learning_rate": 1e-4,
+                                        "validation_file": "dev.tsv"})
+  assert "| jaxft, cold compilation cache | 50.0 | 4.00x | 1.50x | 0.8100 | 9 (0) |" in table
+  assert "| HF PyTorch Trainer (dynamic padding) | 75.0 | 2.67x | 1.00x | 0.7900 | n/a |" in table
