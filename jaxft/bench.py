@@ -1,10 +1,11 @@
 r"""Benchmarks: `python -m jaxft.bench` (speed, the default) and `--suite=peft`.
 
-Speed (one process, one run; ratios against baselines measured in the same run):
+Speed (one command, one run; ratios against baselines measured in the same run):
 1. the machine's fp32 matmul peak (a jitted 2048^3 matmul, best of 10);
 2. a fixed-shape train step (default model, `--batch` x `--length`, HF classification head) of
    jaxft against the plain-jit Hugging Face Flax step and the PyTorch eager loop (when torch is
-   installed), timed round-robin so that machine noise hits all alike; model-FLOPs utilisation
+   installed), each framework in its own process (thread pools would compete), timed round-robin
+   so that machine noise hits all alike; model-FLOPs utilisation
    (6 x non-embedding params x tokens + attention) against the measured peak;
 3. end-to-end SST-2 fine-tuning (`--train_examples` sentences, one epoch, then all dev
    sentences), each a fresh process timed from start to its final metrics: jaxft with a cold and
@@ -157,8 +158,9 @@ def jaxft_step(batch: int, length: int):
   return step, exp
 
 
-def round_robin(steps: dict, rounds: int) -> dict:
-  """Median seconds per call of each step function, timed in turns (first call: compile)."""
+def round_robin(steps: dict, rounds: int, pause: float = 0.0) -> dict:
+  """Median seconds per call of each step function, timed in turns (first call: compile), with
+  `pause` seconds between turns (not timed) for the previous step's threads to go idle."""
   first, times = {}, {name: [] for name in steps}
   for name, step in steps.items():
     start = time.perf_counter()
@@ -166,6 +168,7 @@ def round_robin(steps: dict, rounds: int) -> dict:
     first[name] = time.perf_counter() - start
   for _ in range(rounds):
     for name, step in steps.items():
+      time.sleep(pause)
       start = time.perf_counter()
       step()
       times[name].append(time.perf_counter() - start)
@@ -173,20 +176,86 @@ def round_robin(steps: dict, rounds: int) -> dict:
           for name, t in times.items()}
 
 
+STEP_KINDS = ("jaxft", "plain jit (HF Flax + optax)", "PyTorch eager")
+
+
+def make_step(kind: str, batch: int, length: int):
+  """() -> one synchronised train step of `kind` (see STEP_KINDS); and what the step reports
+  about itself (jaxft: the model FLOPs of the step)."""
+  model_dir = models.resolve_model_dir("minilm")
+  if kind == "jaxft":
+    step, exp = jaxft_step(batch, length)
+    return step, {"train_flops": train_flops(
+        exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch, length)}
+  if kind == "plain jit (HF Flax + optax)":
+    return baselines.plain_flax_step(model_dir, batch, length), {}
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  return baselines.torch_eager_step(model_dir, batch, length), {}
+
+
+_WORKER_MARK = "jaxft.bench worker: "  # marks the protocol's lines among any other output
+
+
+def serve_steps(kinds: list[str], batch: int, length: int) -> None:
+  """The worker side of StepProcess: one JSON line when ready (what each step reports about
+  itself), then for each input line "<index>" one step of kinds[index] and a line "done"."""
+  built = [make_step(kind, batch, length) for kind in kinds]
+  print(_WORKER_MARK + json.dumps([info for _, info in built]), flush=True)
+  for line in sys.stdin:
+    built[int(line)][0]()
+    print(_WORKER_MARK + "done", flush=True)
+
+
+class StepProcess:
+  """Train steps of one framework, run in their own process and called like functions.
+
+  Each framework keeps its own thread pools: in one process, PyTorch's OpenMP threads and XLA's
+  pool competed for the two cores and slowed the jax steps by ~30% (3.35 s against 2.52 s
+  alone at 32 x 128). Steps of one framework share a process: jaxft and the plain-jit step then
+  run on the same XLA runtime, as a user's would.
+  """
+
+  def __init__(self, kinds: list[str], batch: int, length: int):
+    torch = "PyTorch eager" in kinds
+    self._proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxft.bench", f"--worker={','.join(kinds)}", f"--batch={batch}",
+         f"--length={length}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "USE_TORCH": "1" if torch else "0"})
+    infos = json.loads(self._readline())
+    self.steps = {kind: (lambda i=i: self._step(i)) for i, kind in enumerate(kinds)}
+    self.infos = dict(zip(kinds, infos))
+
+  def _readline(self) -> str:
+    """The next protocol line of the worker (other output, e.g. warnings, passes through)."""
+    for line in self._proc.stdout:
+      if line.startswith(_WORKER_MARK):
+        return line[len(_WORKER_MARK):]
+      sys.stdout.write(line)
+    raise RuntimeError(f"the benchmark worker exited with status {self._proc.wait()}")
+
+  def _step(self, index: int) -> None:
+    self._proc.stdin.write(f"{index}\n")
+    self._proc.stdin.flush()
+    self._readline()
+
+  def close(self) -> None:
+    self._proc.stdin.close()
+    self._proc.wait()
+
+
 def fixed_shape(batch: int, length: int, rounds: int, torch: bool) -> dict:
   peak = matmul_peak_gflops()
-  step, exp = jaxft_step(batch, length)
-  model_dir = models.resolve_model_dir(exp.config.model.name_or_path)
-  steps = {"jaxft": step, "plain jit (HF Flax + optax)": baselines.plain_flax_step(
-      model_dir, batch, length)}
-  torch_step = baselines.torch_eager_step(model_dir, batch, length) if torch else None
-  if torch_step is not None:
-    import torch as torch_lib
-    torch_lib.set_num_threads(os.cpu_count() or 1)
-    steps["PyTorch eager"] = torch_step
-  results = round_robin(steps, rounds)
-  flops = train_flops(exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch,
-                      length)
+  # one process per framework, loaded one after the other
+  workers = [StepProcess(list(STEP_KINDS[:2]), batch, length)]
+  if torch:
+    workers.append(StepProcess([STEP_KINDS[2]], batch, length))
+  try:
+    results = round_robin({k: f for w in workers for k, f in w.steps.items()}, rounds, pause=0.5)
+  finally:
+    for worker in workers:
+      worker.close()
+  flops = workers[0].infos["jaxft"]["train_flops"]
   for r in results.values():
     r["tokens_per_s"] = batch * length / r["step_s"]
     r["mfu"] = flops / r["step_s"] / (peak * 1e9)
@@ -334,9 +403,13 @@ def run() -> None:
   examples_flag = flags.DEFINE_integer("train_examples", 2000, "Training sentences end to end.")
   torch_flag = flags.DEFINE_bool("torch", True, "Include the PyTorch baselines (if installed).")
   out_flag = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+  worker_flag = flags.DEFINE_list("worker", None, "Internal: serve these kinds of train step "
+                                  f"({', '.join(STEP_KINDS)}) to the benchmark process.")
 
   def bench():
     runtime.configure_jax()
+    if worker_flag.value:
+      return serve_steps(worker_flag.value, batch_flag.value, length_flag.value)
     batch, length, steps = batch_flag.value, length_flag.value, steps_flag.value
     out = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
     print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), "

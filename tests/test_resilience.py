@@ -67,6 +67,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_ends_identical(
   saved = int(err.split("saved a checkpoint at step ")[1].split()[0])
   assert 30 <= saved < 400
   assert str(saved) in os.listdir(os.path.join(interrupted, "checkpoints"))
+  print(f"SIGTERM to exit: {exit_seconds:.2f} s (checkpoint at step {saved})")  # for -s runs
   assert exit_seconds < 60
 
   resumed = subprocess.run(cmd + [f"--workdir={interrupted}"], cwd=REPO, env=env,
