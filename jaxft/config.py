@@ -75,9 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.window_overlap = 32
   c.data.max_train_examples = config_dict.placeholder(int)  # the first N rows of the file
   c.data.max_eval_examples = config_dict.placeholder(int)
-  # Padded lengths a batch may take; () = a fixed ladder up to max_seq_length. Few shapes means
-  # few compilations; batches are formed from examples of similar length.
+  # Padded lengths a batch may take; () = `num_buckets` lengths fitted to the training data
+  # (plus max_seq_length). Few shapes means few compilations; batches are formed from examples
+  # of similar length.
   c.data.bucket_lengths = ()
+  c.data.num_buckets = 4
   # Examples sorted by length within shuffled windows of this many batches (1 = no bucketing).
   c.data.bucket_window_batches = 50
 
@@ -199,6 +201,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"config data.bucket_lengths holds {length!r}: each must be an integer in "
            f"(0, data.max_seq_length={c.data.max_seq_length}]")
   _positive("data.bucket_window_batches", c.data.bucket_window_batches)
+  _positive("data.num_buckets", c.data.num_buckets)
 
   t = c.train
   _positive("train.batch_size", t.batch_size)

@@ -335,9 +335,22 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   parallel.check_batch_size("train.batch_size", config.train.batch_size // 
                             config.train.grad_accum_steps, mesh)
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)
-  buckets = batching.bucket_lengths(config.data.max_seq_length, tuple(config.data.bucket_lengths))
+  buckets = _bucket_lengths(config, train_data)
   return Experiment(config, model_dir, tokenizer, task, model, mesh, buckets, trainable, frozen,
                     logits, train_data)
+
+
+def _bucket_lengths(config, train_data: Optional[Encoded]) -> tuple[int, ...]:
+  """The configured bucket lengths; else `data.num_buckets` lengths fitted to the training
+  batches of epoch 0 (train records them in config.json, so evaluation and prediction from the
+  run's checkpoints pad alike); else, without training data, the fixed ladder."""
+  d = config.data
+  if d.bucket_lengths or train_data is None or len(train_data) == 0:
+    return batching.bucket_lengths(d.max_seq_length, tuple(d.bucket_lengths))
+  batches = batching.epoch_batches(train_data.lengths, config.train.batch_size, config.seed, 0,
+                                   d.bucket_window_batches)
+  return batching.fit_bucket_lengths([int(train_data.lengths[b].max()) for b in batches],
+                                     d.max_seq_length, d.num_buckets)
 
 
 def _start_at_the_mean(model: models.Model, targets: np.ndarray, head_pattern: str):

@@ -64,7 +64,7 @@ def configure_jax() -> None:
   count_compilations()
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", default_compilation_cache_dir())
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   for name in ("jax._src.xla_bridge", "jax._src.compilation_cache"):
     logging.getLogger(name).setLevel(logging.WARNING)

@@ -273,6 +273,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   val_data = exp.load_split("validation") if config.data.validation_file else None
   config.unlock()
   config.data.label_names = exp.label_names or None  # config.json records the resolved config
+  config.data.bucket_lengths = exp.buckets
   config.lock()
 
   # ---- steps, schedule, optimizer ------------------------------------------------------------
