@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -68,35 +69,18 @@ def _synthetic(batch: int, length: int) -> Encoded:
 
 
 def time_method(overrides: dict, batch: int, length: int, steps: int) -> dict:
-  config = _config(overrides, batch, length)
-  exp = experiment.build(config, label_names=("0", "1"), read_train=False)
-  data = _synthetic(batch, length)
-  tx, schedule = exp.optimizer(steps + 1)
-  abstract = exp.abstract_state(tx)
-  trainer = exp.trainer(tx, schedule, abstract)
-  state = trainer.place(exp.init_state(tx))
-  batch_on_devices = trainer.device_batch(
-      exp.host_batch(data, np.arange(batch), batch))
-  frozen = exp.frozen()
-  start = time.perf_counter()
-  state, metrics = trainer.step(state, frozen, batch_on_devices)  # compile + first step
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    state, metrics = trainer.step(state, frozen, batch_on_devices)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
+  step, exp, savable = jaxft_step(batch, length, overrides, total_steps=steps + 1)
+  timed = round_robin({"method": step}, steps)["method"]
   with tempfile.TemporaryDirectory() as workdir:
-    ckpts = Checkpoints(workdir, config.checkpoint)
-    ckpts.save(1, trainer.savable(state), {"step": 1})
+    ckpts = Checkpoints(workdir, exp.config.checkpoint)
+    ckpts.save(1, savable(), {"step": 1})
     ckpts.close()
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(workdir)
                for f in files)
   counts = exp.param_counts()
-  return {"step_s": float(np.median(times)), "step_s_all": times, "compile_s": compile_s,
-          "checkpoint_bytes": size, "trainable": counts["trainable"], "total": counts["total"]}
+  return {"step_s": timed["step_s"], "step_s_all": timed["step_s_all"],
+          "compile_s": timed["first_call_s"], "checkpoint_bytes": size,
+          "trainable": counts["trainable"], "total": counts["total"]}
 
 
 def peft_table(results: dict) -> str:
@@ -140,11 +124,13 @@ def _non_embedding_params(params: dict) -> int:
              if "embeddings" not in k)
 
 
-def jaxft_step(batch: int, length: int):
-  """() -> one jaxft train step (full fine-tuning, synchronised); and the experiment."""
-  config = _config({"peft.method": "none"}, batch, length)
+def jaxft_step(batch: int, length: int, overrides: Optional[dict] = None,
+               total_steps: int = 10_000):
+  """() -> one jaxft train step (synchronised) at this fixed shape; the experiment; and
+  () -> the current state as saved in checkpoints."""
+  config = _config(overrides or {"peft.method": "none"}, batch, length)
   exp = experiment.build(config, label_names=("0", "1"), read_train=False)
-  tx, schedule = exp.optimizer(10_000)
+  tx, schedule = exp.optimizer(total_steps)
   trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
   state = [trainer.place(exp.init_state(tx))]
   data = _synthetic(batch, length)
@@ -155,7 +141,7 @@ def jaxft_step(batch: int, length: int):
     state[0], metrics = trainer.step(state[0], frozen, device_batch)
     jax.block_until_ready(metrics)
 
-  return step, exp
+  return step, exp, lambda: trainer.savable(state[0])
 
 
 def round_robin(steps: dict, rounds: int, pause: float = 0.0) -> dict:
@@ -184,7 +170,7 @@ def make_step(kind: str, batch: int, length: int):
   about itself (jaxft: the model FLOPs of the step)."""
   model_dir = models.resolve_model_dir("minilm")
   if kind == "jaxft":
-    step, exp = jaxft_step(batch, length)
+    step, exp, _ = jaxft_step(batch, length)
     return step, {"train_flops": train_flops(
         exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch, length)}
   if kind == "plain jit (HF Flax + optax)":
