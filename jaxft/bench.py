@@ -144,9 +144,13 @@ def jaxft_step(batch: int, length: int, overrides: Optional[dict] = None,
   return step, exp, lambda: trainer.savable(state[0])
 
 
-def round_robin(steps: dict, rounds: int, pause: float = 0.0) -> dict:
-  """Median seconds per call of each step function, timed in turns (first call: compile), with
-  `pause` seconds between turns (not timed) for the previous step's threads to go idle."""
+def round_robin(steps: dict, rounds: int, settle: int = 0) -> dict:
+  """Median seconds per call of each step function, timed in turns (first call: compile).
+
+  Each turn first makes `settle` untimed calls, then times one: a training loop runs its steps
+  back to back, and on this project's 2-core machine the first jax step after another
+  process's turn ran 0.5-1 s slower (2.9 s against 1.8 s at 32 x 128), whether the turns were
+  separated by 0.5 s or 3 s of idle time; whichever framework came after PyTorch paid it."""
   first, times = {}, {name: [] for name in steps}
   for name, step in steps.items():
     start = time.perf_counter()
@@ -154,7 +158,8 @@ def round_robin(steps: dict, rounds: int, pause: float = 0.0) -> dict:
     first[name] = time.perf_counter() - start
   for _ in range(rounds):
     for name, step in steps.items():
-      time.sleep(pause)
+      for _ in range(settle):
+        step()
       start = time.perf_counter()
       step()
       times[name].append(time.perf_counter() - start)
@@ -237,7 +242,7 @@ def fixed_shape(batch: int, length: int, rounds: int, torch: bool) -> dict:
   if torch:
     workers.append(StepProcess([STEP_KINDS[2]], batch, length))
   try:
-    results = round_robin({k: f for w in workers for k, f in w.steps.items()}, rounds, pause=0.5)
+    results = round_robin({k: f for w in workers for k, f in w.steps.items()}, rounds, settle=1)
   finally:
     for worker in workers:
       worker.close()

@@ -181,21 +181,26 @@ class JitTrainer:
     produce) and the eval step for each evaluation shape before training starts, several at
     once: no new shape compiles mid-run, and compiling in parallel threads (XLA releases the
     GIL) overlaps what would be one stall per shape. `step` calls these programs; the jitted
-    eval step finds its compiled programs in jax's cache."""
-    jobs = []  # (batch width or None for eval, lowered computation), lowered one at a time
+    eval step finds its compiled programs in jax's cache.
+
+    Each program goes to a compiler thread as soon as it is traced, so tracing the next shape
+    (Python, holding the GIL) overlaps compiling the previous ones (XLA, without it)."""
+    lowered = []  # (batch width or None for eval, () -> lowered computation)
     for host_batch in host_batches:
       width = host_batch["input_ids"].shape[1]
-      if width not in self._compiled:
-        jobs.append((width, self._step.lower(state, frozen, self.device_batch(host_batch))))
+      if width not in self._compiled and width not in [w for w, _ in lowered]:
+        lowered.append((width, lambda b=host_batch: self._step.lower(
+            state, frozen, self.device_batch(b))))
     for host_batch in eval_host_batches:
-      jobs.append((None, eval_step.lower(self.params(state), frozen,
-                                         self.device_batch(host_batch))))
-    threads = max(1, min(len(jobs), os.cpu_count() or 1))
+      lowered.append((None, lambda b=host_batch: eval_step.lower(
+          self.params(state), frozen, self.device_batch(b))))
+    threads = max(1, min(len(lowered), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      compiled = list(pool.map(lambda job: job[1].compile(), jobs))
-    for (width, _), program in zip(jobs, compiled):
-      if width is not None:
-        self._compiled[width] = program
+      jobs = [(width, pool.submit(lower().compile)) for width, lower in lowered]
+      for width, job in jobs:
+        program = job.result()
+        if width is not None:
+          self._compiled[width] = program
 
   def step(self, state: dict, frozen: dict, batch: dict):
     return self._compiled.get(batch["input_ids"].shape[1], self._step)(state, frozen, batch)

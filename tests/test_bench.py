@@ -26,6 +26,22 @@ def test_round_robin_compiles_each_step_once_then_times_them_in_turns():
   assert len(results["a"]["step_s_all"]) == 3 and results["b"]["step_s"] >= 0
 
 
+def test_round_robin_settles_each_turn_with_untimed_calls(monkeypatch):
+  """With settle=1 every turn calls the step twice and times only the second call."""
+  calls, clock = [], [0.0]
+
+  def step(name, cost):
+    calls.append(name)
+    if calls.count(name) % 2 == 0:  # the settling calls (2nd, 4th, ...) are the slow ones
+      clock[0] += cost
+
+  steps = {"a": lambda: step("a", 5.0), "b": lambda: step("b", 7.0)}
+  monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+  results = bench.round_robin(steps, rounds=2, settle=1)
+  assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+  assert results["a"]["step_s_all"] == [0.0, 0.0] and results["b"]["step_s"] == 0.0
+
+
 def test_tables_print_ratios_against_the_baselines_of_the_same_run():
   fixed = {"batch": 32, "length": 128, "matmul_peak_gflops": 50.0, "train_flops": 100e9,
            "steps": {"jaxft": {"step_s": 2.0, "tokens_per_s": 2048.0, "mfu": 1.0},
