@@ -5,7 +5,8 @@ Speed (one command, one run; ratios against baselines measured in the same run):
 2. a fixed-shape train step (default model, `--batch` x `--length`, HF classification head) of
    jaxft against the plain-jit Hugging Face Flax step and the PyTorch eager loop (when torch is
    installed), each framework in its own process (thread pools would compete), timed round-robin
-   so that machine noise hits all alike; model-FLOPs utilisation
+   so that machine noise hits all alike, each timed step right after an untimed one (as in a
+   training loop); model-FLOPs utilisation
    (6 x non-embedding params x tokens + attention) against the measured peak;
 3. end-to-end SST-2 fine-tuning (`--train_examples` sentences, one epoch, then all dev
    sentences), each a fresh process timed from start to its final metrics: jaxft with a cold and

@@ -40,9 +40,17 @@ def _element_index(shape: tuple[int, ...]) -> jax.Array:
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for dim in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * np.uint32(stride % 2**32)
-    stride *= shape[dim]
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * _as_uint32(stride)
+    stride = stride * shape[dim]
   return index
+
+
+def _as_uint32(size) -> jax.Array:
+  """A size as a uint32 factor (modulo 2**32). A symbolic size (the batch width of a step
+  traced once for all widths, see jaxft.experiment) becomes a traced value that wraps alike."""
+  if isinstance(size, (int, np.integer)):
+    return np.uint32(int(size) % 2**32)
+  return jnp.asarray(size).astype(jnp.uint32)
 
 
 def _random_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:

@@ -45,14 +45,14 @@ def minilm_dir():
   return models.resolve_model_dir("minilm")
 
 
-def make_tiny_model(out, minilm_dir) -> str:
+def make_tiny_model(out, minilm_dir, dropout: float = 0.0) -> str:
   """A 2-layer, 32-wide random BERT with the default model's tokenizer, saved as Flax msgpack
-  and as PyTorch-layout safetensors."""
+  and as PyTorch-layout safetensors (dropout off unless asked for)."""
   from transformers import BertConfig, FlaxBertModel
   os.makedirs(out, exist_ok=True)
   config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
   model = FlaxBertModel(config, seed=0)
   model.save_pretrained(out)
   _save_pytorch_layout(model.params, os.path.join(out, "model.safetensors"))

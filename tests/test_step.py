@@ -81,3 +81,43 @@ def test_evaluation_counts_every_example_in_file_order(exp):
   metrics = exp.evaluate(exp.jit_eval_step(), params, data)
   expected = float((logits.argmax(-1) == data.labels).mean())
   assert metrics["accuracy"] == pytest.approx(expected)
+
+
+def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_does(
+    tiny_config, tmp_path, minilm_dir):
+  """Several batch widths: the train step is traced once with a symbolic width (jax.export) and
+  specialised per width; each program, dropout masks included, computes what the step traced
+  for that one shape does (the same loss; updates equal up to float32 rounding, as XLA may
+  fuse the two programs differently)."""
+  from conftest import make_tiny_model
+  config = tiny_config.copy_and_resolve_references()
+  config.unlock()
+  config.model.name_or_path = make_tiny_model(tmp_path / "tiny_dropout", minilm_dir, dropout=0.1)
+  config.lock()
+  exp = experiment.build(config)
+  tx, schedule = exp.optimizer(10)
+  widths = (16, 24, 40)
+  hosts = [batching.make_batch(exp.train_data, np.arange(16), 16, (w,)) for w in widths]
+  traced = []
+  listener = lambda event, duration, **kw: traced.append(kw.get("fun_name")) if (
+      event == "/jax/core/compile/jaxpr_trace_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    precompiled = exp.trainer(tx, schedule, exp.abstract_state(tx))
+    precompiled.precompile(exp.init_state(tx), {}, hosts)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert traced.count("train_step") == 1, traced
+  assert sorted(precompiled._compiled) == list(widths)
+  per_shape = exp.trainer(tx, schedule, exp.abstract_state(tx))
+  before = _flat(jax.device_get(exp.init_state(tx)["params"]))
+  for host in hosts:
+    results = []
+    for trainer in (precompiled, per_shape):
+      state, metrics = trainer.step(exp.init_state(tx), {}, trainer.device_batch(host))
+      results.append((_flat(jax.device_get(state["params"])), float(metrics["loss"])))
+    (p1, loss1), (p2, loss2) = results
+    assert loss1 == loss2
+    u1, u2 = p1 - before, p2 - before
+    assert np.abs(u1).max() > 1e-3  # a real update
+    np.testing.assert_allclose(u1, u2, rtol=0, atol=1e-3 * np.abs(u1).max())
