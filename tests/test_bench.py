@@ -61,3 +61,21 @@ def test_tables_print_ratios_against_the_baselines_of_the_same_run():
                                         "validation_file": "dev.tsv"})
   assert "| jaxft, cold compilation cache | 50.0 | 4.00x | 1.50x | 0.8100 | 9 (0) |" in table
   assert "| HF PyTorch Trainer (dynamic padding) | 75.0 | 2.67x | 1.00x | 0.7900 | n/a |" in table
+
+
+def test_median_runs_keeps_the_median_run_of_each_variant():
+  rounds = [[{"name": "a", "wall_s": 30.0, "accuracy": 0.1}, {"name": "b", "wall_s": 9.0}],
+            [{"name": "a", "wall_s": 10.0, "accuracy": 0.2}, {"name": "b", "wall_s": 7.0}],
+            [{"name": "a", "wall_s": 20.0, "accuracy": 0.3}, {"name": "b", "wall_s": 8.0}]]
+  a, b = bench.median_runs(rounds)
+  assert a == {"name": "a", "wall_s": 20.0, "accuracy": 0.3, "wall_s_all": [30.0, 10.0, 20.0]}
+  assert b["wall_s"] == 8.0 and b["wall_s_all"] == [9.0, 7.0, 8.0]
+  two = bench.median_runs(rounds[:2])  # even count: the lower middle run
+  assert two[0]["wall_s"] == 10.0 and two[1]["wall_s"] == 7.0
+  table = bench.end_to_end_table(
+      [{**run, "wall_s_all": [1.0, 2.0, 3.0], "accuracy": 0.8, "peak_rss_mb": 1.0,
+        "name": name} for run, name in zip((a, b, b), (
+            "jaxft, cold compilation cache", "jaxft padded to 128 (static), cold cache",
+            "HF PyTorch Trainer (dynamic padding)"))],
+      {"examples": 2000, "batch": 32, "learning_rate": 1e-4, "validation_file": "dev.tsv"})
+  assert "(median of 3 runs each)" in table
