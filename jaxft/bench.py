@@ -315,7 +315,10 @@ def jaxft_e2e(name: str, data: dict, cache_dir: str, workdir: str, extra: tuple 
          f"--config.data.validation_file={data['validation_file']}",
          f"--config.data.max_train_examples={data['examples']}",
          f"--config.train.batch_size={data['batch']}",
-         f"--config.train.learning_rate={data['learning_rate']}", *extra]
+         f"--config.train.learning_rate={data['learning_rate']}",
+         # The Trainer's head (BERT's pooler, then a dense layer), so that every run trains the
+         # same model; the config's mean pooling is an accuracy choice, not a speed one.
+         "--config.model.pooling=default", *extra]
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache_dir}
   result = timed_process(cmd, env)
   records = read_metrics(workdir)
