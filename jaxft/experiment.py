@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -188,10 +189,10 @@ class JitTrainer:
     by_width = {}
     for host_batch in host_batches:
       width = host_batch["input_ids"].shape[1]
-      if width not in self._compiled:
-        by_width.setdefault(width, self.device_batch(host_batch))
+      if width not in self._compiled and width not in by_width:
+        by_width[width] = self.device_batch(host_batch)
     lower_train = self._lowering(state, frozen, list(by_width.values()))
-    lowered = [(width, lambda b=batch: lower_train(b)) for width, batch in by_width.items()]
+    lowered = [(width, functools.partial(lower_train, batch)) for width, batch in by_width.items()]
     for host_batch in eval_host_batches:
       lowered.append((None, lambda b=host_batch: eval_step.lower(
           self.params(state), frozen, self.device_batch(b))))
@@ -276,9 +277,9 @@ def export_over_width(jitted, fixed_args: tuple, batches: list[dict]):
   abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
   def symbolic(name, x):
-    varies = len({b[name].shape for b in batches}) > 1
-    shape = (x.shape[0], width, *x.shape[2:]) if varies else x.shape
-    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
+    if len({b[name].shape for b in batches}) == 1:
+      return abstract(x)
+    return jax.ShapeDtypeStruct((x.shape[0], width, *x.shape[2:]), x.dtype, sharding=x.sharding)
 
   batch = {name: symbolic(name, x) for name, x in batches[0].items()}
   return export.export(jitted)(*jax.tree_util.tree_map(abstract, fixed_args), batch)
