@@ -104,13 +104,14 @@ def _read_tsv(path: str, limit: int | None) -> tuple[list[str], list[int]]:
 
 
 def trainer_run(model_dir: str, train_file: str, validation_file: str, examples: int,
-                batch: int, learning_rate: float, padding: str, max_length: int = 128) -> dict:
+                batch: int, learning_rate: float, padding: str, max_length: int = 128,
+                seed: int = 0) -> dict:
   """The Hugging Face Trainer on an SST-2 style TSV: one epoch, then dev accuracy."""
   import tempfile
   import torch
   from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                             DataCollatorWithPadding, Trainer, TrainingArguments)
-  torch.manual_seed(0)
+  torch.manual_seed(seed)
   tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
   def encode(path, limit):
@@ -126,7 +127,7 @@ def trainer_run(model_dir: str, train_file: str, validation_file: str, examples:
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=batch, per_device_eval_batch_size=64,
         learning_rate=learning_rate, num_train_epochs=1, warmup_ratio=0.1, weight_decay=0.01,
-        lr_scheduler_type="linear", max_grad_norm=1.0, seed=0, logging_steps=10,
+        lr_scheduler_type="linear", max_grad_norm=1.0, seed=seed, logging_steps=10,
         save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
@@ -150,9 +151,10 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--learning_rate", type=float, default=1e-4)
   parser.add_argument("--padding", choices=("dynamic", "max_length"), default="dynamic")
+  parser.add_argument("--seed", type=int, default=0)
   a = parser.parse_args(argv)
   result = trainer_run(a.model_dir, a.train_file, a.validation_file, a.examples, a.batch,
-                       a.learning_rate, a.padding)
+                       a.learning_rate, a.padding, seed=a.seed)
   print(json.dumps(result), flush=True)
 
 

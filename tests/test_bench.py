@@ -3,6 +3,7 @@
 import sys
 
 import numpy as np
+import pytest
 
 from jaxft import bench
 
@@ -68,8 +69,9 @@ def test_median_runs_keeps_the_median_run_of_each_variant():
             [{"name": "a", "wall_s": 10.0, "accuracy": 0.2}, {"name": "b", "wall_s": 7.0}],
             [{"name": "a", "wall_s": 20.0, "accuracy": 0.3}, {"name": "b", "wall_s": 8.0}]]
   a, b = bench.median_runs(rounds)
-  assert a == {"name": "a", "wall_s": 20.0, "accuracy": 0.3, "wall_s_all": [30.0, 10.0, 20.0]}
-  assert b["wall_s"] == 8.0 and b["wall_s_all"] == [9.0, 7.0, 8.0]
+  assert a == {"name": "a", "wall_s": 20.0, "accuracy": 0.3, "wall_s_all": [30.0, 10.0, 20.0],
+               "accuracy_all": [0.1, 0.2, 0.3], "accuracy_mean": pytest.approx(0.2)}
+  assert b["wall_s"] == 8.0 and b["wall_s_all"] == [9.0, 7.0, 8.0] and "accuracy_mean" not in b
   two = bench.median_runs(rounds[:2])  # even count: the lower middle run
   assert two[0]["wall_s"] == 10.0 and two[1]["wall_s"] == 7.0
   table = bench.end_to_end_table(
@@ -78,4 +80,8 @@ def test_median_runs_keeps_the_median_run_of_each_variant():
             "jaxft, cold compilation cache", "jaxft padded to 128 (static), cold cache",
             "HF PyTorch Trainer (dynamic padding)"))],
       {"examples": 2000, "batch": 32, "learning_rate": 1e-4, "validation_file": "dev.tsv"})
-  assert "(median of 3 runs each)" in table
+  assert "(median of 3 runs each, seeds 0-2; dev accuracy: their mean)" in table
+  mean_row = bench.end_to_end_table([{**a, "peak_rss_mb": 1.0, "name": n} for n in (
+      "jaxft, cold compilation cache", "jaxft padded to 128 (static), cold cache")],
+      {"examples": 2000, "batch": 32, "learning_rate": 1e-4, "validation_file": "dev.tsv"})
+  assert "| jaxft, cold compilation cache | 20.0 | 1.00x | n/a | 0.2000 |" in mean_row
