@@ -124,20 +124,13 @@ def _timed(items: Iterator, waited: list) -> Iterator:
     yield item
 
 
-def _one_example_per_bucket(data, buckets) -> list[int]:
-  """An example of each bucket length the data falls into: the batch shapes training can meet
-  (a batch is padded to the bucket of its longest example)."""
-  first: dict[int, int] = {}
-  for i, n in enumerate(data.lengths):
-    first.setdefault(batching.bucket_for(int(n), buckets), i)
-  return [first[b] for b in sorted(first)]
-
-
-def _one_batch_per_width(data, batch_size: int, buckets) -> list:
-  """The first evaluation batch (indices) of each padded width evaluation will meet."""
-  first: dict[int, list] = {}
-  for indices in batching.eval_batches(data.lengths, batch_size):
-    first.setdefault(batching.bucket_for(int(data.lengths[indices].max()), buckets), indices)
+def _first_of_each_width(groups, lengths, buckets) -> list:
+  """The first group (example indices) of each padded width the groups meet: a batch is padded
+  to the bucket of its longest example. Training batches can mix any examples, so their shapes
+  are those of single examples; evaluation meets exactly its own batches' shapes."""
+  first: dict[int, object] = {}
+  for indices in groups:
+    first.setdefault(batching.bucket_for(int(np.max(lengths[indices])), buckets), indices)
   return [first[w] for w in sorted(first)]
 
 
@@ -326,10 +319,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     trainer.precompile(
         state, frozen,
         [exp.host_batch(train_data, [i], t.batch_size)
-         for i in _one_example_per_bucket(train_data, exp.buckets)],
+         for i in _first_of_each_width(range(len(train_data.lengths)), train_data.lengths,
+                                       exp.buckets)],
         eval_step, [] if val_data is None else
         [exp.host_batch(val_data, indices, t.eval_batch_size)
-         for indices in _one_batch_per_width(val_data, t.eval_batch_size, exp.buckets)])
+         for indices in _first_of_each_width(batching.eval_batches(
+             val_data.lengths, t.eval_batch_size), val_data.lengths, exp.buckets)])
 
   def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
     epoch, index = divmod(step, spe)
