@@ -426,8 +426,9 @@ def run() -> None:
       "../shared/data/sst2/train.tsv); without it only the fixed-shape part runs.")
   dev_flag = flags.DEFINE_string("validation_file", None, "SST-2 dev.tsv for the end-to-end runs.")
   examples_flag = flags.DEFINE_integer("train_examples", 2000, "Training sentences end to end.")
-  repeats_flag = flags.DEFINE_integer("repeats", 1, "Runs of each end-to-end variant (the "
-                                      "median counts).")
+  repeats_flag = flags.DEFINE_integer("repeats", 1, "Runs of each end-to-end variant, round r "
+                                      "with seed r (the median wall time and the mean dev "
+                                      "accuracy count).")
   torch_flag = flags.DEFINE_bool("torch", True, "Include the PyTorch baselines (if installed).")
   out_flag = flags.DEFINE_string("out", None, "Write the results as JSON here.")
   worker_flag = flags.DEFINE_list("worker", None, "Internal: serve these kinds of train step "
