@@ -124,14 +124,14 @@ def _timed(items: Iterator, waited: list) -> Iterator:
     yield item
 
 
-def _first_of_each_width(groups, lengths, buckets) -> list:
-  """The first group (example indices) of each padded width the groups meet: a batch is padded
-  to the bucket of its longest example. Training batches can mix any examples, so their shapes
-  are those of single examples; evaluation meets exactly its own batches' shapes."""
-  first: dict[int, object] = {}
-  for indices in groups:
-    first.setdefault(batching.bucket_for(int(np.max(lengths[indices])), buckets), indices)
-  return [first[w] for w in sorted(first)]
+def _first_of_each_width(maxima, buckets) -> np.ndarray:
+  """Positions of the first of `maxima` (each batch's longest example) in each bucket, by
+  ascending width: a batch is padded to the bucket of its longest example, so these are the
+  batches that meet every shape. Training batches can mix any examples, so for training the
+  maxima are the single examples' lengths, all of them: hence vectorised, with searchsorted
+  being batching.bucket_for over the ascending buckets (longer than all: the last)."""
+  positions = np.minimum(np.searchsorted(buckets, maxima), len(buckets) - 1)
+  return np.unique(positions, return_index=True)[1]
 
 
 def _train_batches(exp, trainer, data, start_step: int, num_steps: int, spe: int) -> Iterator:
@@ -316,15 +316,16 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   eval_step = exp.jit_eval_step()
   frozen = exp.frozen()
   if start < num_steps:
+    val_batches = [] if val_data is None else batching.eval_batches(
+        val_data.lengths, t.eval_batch_size)
     trainer.precompile(
         state, frozen,
-        [exp.host_batch(train_data, [i], t.batch_size)
-         for i in _first_of_each_width(range(len(train_data.lengths)), train_data.lengths,
-                                       exp.buckets)],
-        eval_step, [] if val_data is None else
-        [exp.host_batch(val_data, indices, t.eval_batch_size)
-         for indices in _first_of_each_width(batching.eval_batches(
-             val_data.lengths, t.eval_batch_size), val_data.lengths, exp.buckets)])
+        [exp.host_batch(train_data, [int(i)], t.batch_size)
+         for i in _first_of_each_width(train_data.lengths, exp.buckets)],
+        eval_step,
+        [exp.host_batch(val_data, val_batches[i], t.eval_batch_size)
+         for i in _first_of_each_width([val_data.lengths[b].max() for b in val_batches],
+                                       exp.buckets)])
 
   def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
     epoch, index = divmod(step, spe)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from jaxft import evaluate, train
+from jaxft.data import batching
 from jaxft.errors import UserError
 from jaxft.metrics import read_metrics
 
@@ -131,3 +132,16 @@ def test_bfloat16_compute_trains_with_float32_master_weights(tiny_config, tmp_pa
       **exp.model._inputs(batch), params=p[exp.model.base_prefix]).last_hidden_state,
       exp.trainable_init)
   assert hidden.dtype == np.dtype("bfloat16")
+
+
+def test_precompile_shapes_are_the_first_batch_of_each_bucket():
+  buckets = (8, 16, 32)
+  maxima = [12, 3, 40, 16, 9, 33, 8, 1]
+  # The rule it vectorises: the first batch of each bucket_for width, by ascending width
+  # (40 and 33 exceed every bucket: the last one).
+  expected = {}
+  for i, m in enumerate(maxima):
+    expected.setdefault(batching.bucket_for(m, buckets), i)
+  assert [expected[w] for w in sorted(expected)] == [1, 0, 2]
+  assert train._first_of_each_width(maxima, buckets).tolist() == [1, 0, 2]
+  assert train._first_of_each_width([], buckets).tolist() == []
