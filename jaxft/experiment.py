@@ -126,27 +126,45 @@ class Experiment:
       return PmapTrainer(self, tx, schedule, abstract_state)
     return JitTrainer(self, tx, schedule, abstract_state)
 
-  def jit_eval_step(self):
-    return jax.jit(step_lib.make_eval_step(self.logits, self.task.eval_outputs),
-                   out_shardings=parallel.batch_sharding(self.mesh))
+  def jit_eval_step(self) -> "WidthPrograms":
+    return WidthPrograms(step_lib.make_eval_step(self.logits, self.task.eval_outputs),
+                         out_shardings=parallel.batch_sharding(self.mesh))
 
   # ---- evaluation -------------------------------------------------------------------------
-  def predict_outputs(self, eval_step, params: dict, data: Encoded) -> dict[str, list]:
+  def predict_outputs(self, eval_step: "WidthPrograms", params: dict, data: Encoded) -> dict[str, list]:
     """The task's eval outputs (jaxft.tasks.Task.eval_outputs) of every example of `data`, in
     file order, no example dropped or repeated; per-token outputs cut to each example's length.
     Batches are sorted by length, so they pad little and reuse the training shapes."""
-    batch_size = self.config.train.eval_batch_size
     out: dict[str, list] = {}
     frozen = self.frozen()
+    to_devices = lambda host: parallel.to_devices(host, self.mesh)
+    # Widths not compiled yet (a new run's evaluation or prediction) compile all at once.
+    compile_in_parallel(eval_step.pending(self.first_eval_batch_of_each_width(data), to_devices,
+                                          (params, frozen)))
     lengths = data.lengths
-    for number, indices in enumerate(batching.eval_batches(lengths, batch_size)):
-      host = self.host_batch(data, indices, batch_size, mask_key=(mlm.EVAL_EPOCH, number))
-      outputs = _to_host(eval_step(params, frozen, parallel.to_devices(host, self.mesh)))
+    for number, indices in enumerate(self._eval_batches(data)):
+      outputs = _to_host(eval_step(params, frozen, to_devices(self._eval_host_batch(
+          data, indices, number))))
       for name, values in outputs.items():
         column = out.setdefault(name, [None] * len(data))
         for row, i in enumerate(indices):
           column[i] = values[row, :lengths[i]] if values.ndim == 3 else values[row]
     return out
+
+  def _eval_batches(self, data: Encoded) -> list[np.ndarray]:
+    return batching.eval_batches(data.lengths, self.config.train.eval_batch_size)
+
+  def _eval_host_batch(self, data: Encoded, indices: np.ndarray, number: int) -> dict:
+    return self.host_batch(data, indices, self.config.train.eval_batch_size,
+                           mask_key=(mlm.EVAL_EPOCH, number))
+
+  def first_eval_batch_of_each_width(self, data: Encoded) -> list[dict]:
+    """The first evaluation batch (host arrays) of each padded width of `data`: what compiling
+    every evaluation shape ahead of time needs."""
+    batches = self._eval_batches(data)
+    maxima = [data.lengths[b].max() for b in batches]
+    return [self._eval_host_batch(data, batches[i], int(i))
+            for i in batching.first_of_each_width(maxima, self.buckets)]
 
   def evaluate(self, eval_step, params: dict, data: Encoded) -> dict:
     """The task's metrics (jaxft.tasks.METRICS) of `params` on `data`."""
@@ -165,9 +183,8 @@ class JitTrainer:
     self._in_shardings = (self.state_shardings, exp.frozen_shardings(),
                           parallel.batch_sharding(exp.mesh))
     self._out_shardings = (self.state_shardings, parallel.replicated(exp.mesh))
-    self._step = jax.jit(fn, in_shardings=self._in_shardings, out_shardings=self._out_shardings,
-                         donate_argnums=(0,))
-    self._compiled: dict[int, Any] = {}  # batch width -> compiled step (precompile)
+    self._step = WidthPrograms(fn, in_shardings=self._in_shardings,
+                               out_shardings=self._out_shardings, donate_argnums=(0,))
 
   def place(self, state: dict) -> dict:
     """A fresh or restored state (already laid out by the abstract state's shardings)."""
@@ -176,53 +193,25 @@ class JitTrainer:
   def device_batch(self, host_batch: dict) -> dict:
     return parallel.to_devices(host_batch, self.exp.mesh)
 
-  def precompile(self, state: dict, frozen: dict, host_batches: list[dict], eval_step=None,
+  def precompile(self, state: dict, frozen: dict, host_batches: list[dict],
+                 eval_step: Optional["WidthPrograms"] = None,
                  eval_host_batches: Sequence[dict] = ()) -> None:
     """Compiles the train step for each batch shape (one per bucket length the data can
     produce) and the eval step for each evaluation shape before training starts, several at
     once: no new shape compiles mid-run, and compiling in parallel threads (XLA releases the
-    GIL) overlaps what would be one stall per shape. `step` calls these programs; the jitted
-    eval step finds its compiled programs in jax's cache.
+    GIL) overlaps what would be one stall per shape. Each step is traced once for all its
+    widths (WidthPrograms.lowering); `step` and `eval_step` then call these programs.
 
     Each program goes to a compiler thread as soon as it is traced, so tracing the next shape
     (Python, holding the GIL) overlaps compiling the previous ones (XLA, without it)."""
-    by_width = {}
-    for host_batch in host_batches:
-      width = host_batch["input_ids"].shape[1]
-      if width not in self._compiled and width not in by_width:
-        by_width[width] = self.device_batch(host_batch)
-    lower_train = self._lowering(state, frozen, list(by_width.values()))
-    lowered = [(width, functools.partial(lower_train, batch)) for width, batch in by_width.items()]
-    for host_batch in eval_host_batches:
-      lowered.append((None, lambda b=host_batch: eval_step.lower(
-          self.params(state), frozen, self.device_batch(b))))
-    threads = max(1, min(len(lowered), os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-      jobs = [(width, pool.submit(lower().compile)) for width, lower in lowered]
-      for width, job in jobs:
-        program = job.result()
-        if width is not None:
-          self._compiled[width] = program
-
-  def _lowering(self, state: dict, frozen: dict, batches: list[dict]):
-    """batch -> the train step lowered for its shape. With several widths, the step is traced
-    once with a symbolic width (jax.export) and each width only specialises that trace: tracing
-    the model and optimizer costs ~1 s of Python per shape, the specialisation ~0.1 s. Falls back
-    to tracing each shape where that does not apply (one width, several processes, a model whose
-    code needs a constant width)."""
-    per_shape = lambda batch: self._step.lower(state, frozen, batch)
-    if len(batches) < 2 or jax.process_count() > 1:
-      return per_shape
-    try:
-      exported = export_over_width(self._step, (state, frozen), batches)
-    except Exception:  # noqa: BLE001 - any failure only costs the faster path
-      return per_shape
-    call = jax.jit(exported.call, in_shardings=self._in_shardings,
-                   out_shardings=self._out_shardings, donate_argnums=(0,))
-    return lambda batch: call.lower(state, frozen, batch)
+    pending = self._step.pending(host_batches, self.device_batch, (state, frozen))
+    if eval_step is not None:
+      pending += eval_step.pending(eval_host_batches, self.device_batch,
+                                   (self.params(state), frozen))
+    compile_in_parallel(pending)
 
   def step(self, state: dict, frozen: dict, batch: dict):
-    return self._compiled.get(batch["input_ids"].shape[1], self._step)(state, frozen, batch)
+    return self._step(state, frozen, batch)
 
   def savable(self, state: dict) -> dict:
     return state
@@ -267,6 +256,65 @@ class PmapTrainer:
 
   def params(self, state: dict) -> dict:
     return _on_mesh(parallel.unreplicate(state["params"]), self.state_shardings["params"])
+
+
+def compile_in_parallel(pending: list[tuple["WidthPrograms", int, Callable]]) -> None:
+  """Compiles each (programs, width, lower) of WidthPrograms.pending into programs.compiled,
+  in parallel threads (XLA releases the GIL): lowering, in this thread, goes in order, so each
+  program compiles while the next is traced."""
+  threads = max(1, min(len(pending), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    jobs = [(programs, width, pool.submit(lower().compile)) for programs, width, lower in pending]
+    for programs, width, job in jobs:
+      programs.compiled[width] = job.result()
+
+
+def _width(batch: dict) -> int:
+  return batch["input_ids"].shape[1]
+
+
+class WidthPrograms:
+  """`jax.jit(fn, **jit_kwargs)` for a step `fn(*fixed_args, batch)`, with programs compiled
+  ahead of time for chosen batch widths (`pending`, run by JitTrainer.precompile): a call runs
+  the program of its batch's width, else the jitted function (which compiles on first use)."""
+
+  def __init__(self, fn: Callable, **jit_kwargs):
+    self._jit_kwargs = jit_kwargs
+    self.jitted = jax.jit(fn, **jit_kwargs)
+    self.compiled: dict[int, Any] = {}  # batch width -> compiled program
+
+  def __call__(self, *args):
+    return self.compiled.get(_width(args[-1]), self.jitted)(*args)
+
+  def pending(self, host_batches: Sequence[dict], to_device: Callable,
+              fixed_args: tuple) -> list[tuple["WidthPrograms", int, Callable]]:
+    """(self, width, () -> the step lowered for that width) for each width of `host_batches`
+    without a program yet; one batch per width goes to the devices. The step is traced on the
+    first call, so that the caller can compile one step's programs while tracing the next."""
+    by_width = {}
+    for host_batch in host_batches:
+      width = _width(host_batch)
+      if width not in self.compiled and width not in by_width:
+        by_width[width] = to_device(host_batch)
+    lowering = functools.cache(lambda: self.lowering(fixed_args, list(by_width.values())))
+    return [(self, width, lambda batch=batch: lowering()(batch))
+            for width, batch in by_width.items()]
+
+  def lowering(self, fixed_args: tuple, batches: list[dict]) -> Callable:
+    """batch -> the step lowered for its shape. With several widths, the step is traced once
+    with a symbolic width (jax.export) and each width only specialises that trace: tracing the
+    model costs ~1 s of Python per shape (the train step; the eval step ~0.7 s), the
+    specialisation ~0.1 s. Falls back to tracing each shape where that does not apply (one
+    width, several processes, a model whose code needs a constant width)."""
+    per_shape = lambda batch: self.jitted.lower(*fixed_args, batch)
+    if len(batches) < 2 or jax.process_count() > 1:
+      return per_shape
+    try:
+      exported = export_over_width(self.jitted, fixed_args, batches)
+    except Exception:  # noqa: BLE001 - any failure only costs the faster path
+      return per_shape
+    call = jax.jit(exported.call, **self._jit_kwargs)
+    return lambda batch: call.lower(*fixed_args, batch)
 
 
 def export_over_width(jitted, fixed_args: tuple, batches: list[dict]):

@@ -124,16 +124,6 @@ def _timed(items: Iterator, waited: list) -> Iterator:
     yield item
 
 
-def _first_of_each_width(maxima, buckets) -> np.ndarray:
-  """Positions of the first of `maxima` (each batch's longest example) in each bucket, by
-  ascending width: a batch is padded to the bucket of its longest example, so these are the
-  batches that meet every shape. Training batches can mix any examples, so for training the
-  maxima are the single examples' lengths, all of them: hence vectorised, with searchsorted
-  being batching.bucket_for over the ascending buckets (longer than all: the last)."""
-  positions = np.minimum(np.searchsorted(buckets, maxima), len(buckets) - 1)
-  return np.unique(positions, return_index=True)[1]
-
-
 def _train_batches(exp, trainer, data, start_step: int, num_steps: int, spe: int) -> Iterator:
   """(step, padded width, device batch) from `start_step` on; batch = f(seed, epoch, index)."""
   c = exp.config
@@ -316,16 +306,11 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   eval_step = exp.jit_eval_step()
   frozen = exp.frozen()
   if start < num_steps:
-    val_batches = [] if val_data is None else batching.eval_batches(
-        val_data.lengths, t.eval_batch_size)
     trainer.precompile(
         state, frozen,
         [exp.host_batch(train_data, [int(i)], t.batch_size)
-         for i in _first_of_each_width(train_data.lengths, exp.buckets)],
-        eval_step,
-        [exp.host_batch(val_data, val_batches[i], t.eval_batch_size)
-         for i in _first_of_each_width([val_data.lengths[b].max() for b in val_batches],
-                                       exp.buckets)])
+         for i in batching.first_of_each_width(train_data.lengths, exp.buckets)],
+        eval_step, [] if val_data is None else exp.first_eval_batch_of_each_width(val_data))
 
   def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
     epoch, index = divmod(step, spe)

@@ -68,8 +68,8 @@ def test_no_gradient_is_computed_for_frozen_leaves(tiny_config):
     trainer = exp.trainer(tx, schedule, abstract)
     host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)
     batch = trainer.device_batch(host)
-    lowered = trainer._step.lower(abstract, exp.frozen(), batch)
-    out_state = jax.eval_shape(trainer._step, abstract, exp.frozen(), batch)[0]
+    lowered = trainer._step.jitted.lower(abstract, exp.frozen(), batch)
+    out_state = jax.eval_shape(trainer._step.jitted, abstract, exp.frozen(), batch)[0]
     return exp, out_state, lowered.compile().cost_analysis()
 
   full_exp, full_state, full_cost = compiled_step(tiny_config)

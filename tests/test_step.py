@@ -108,7 +108,7 @@ def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_d
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert traced.count("train_step") == 1, traced
-  assert sorted(precompiled._compiled) == list(widths)
+  assert sorted(precompiled._step.compiled) == list(widths)
   per_shape = exp.trainer(tx, schedule, exp.abstract_state(tx))
   before = _flat(jax.device_get(exp.init_state(tx)["params"]))
   for host in hosts:
@@ -121,3 +121,31 @@ def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_d
     u1, u2 = p1 - before, p2 - before
     assert np.abs(u1).max() > 1e-3  # a real update
     np.testing.assert_allclose(u1, u2, rtol=0, atol=1e-3 * np.abs(u1).max())
+
+
+def test_precompiled_eval_widths_share_one_trace_and_match_the_jitted_eval_step(exp):
+  """Evaluation shapes compiled before training: the eval step is traced once for all widths,
+  and evaluating through those programs gives what the plainly jitted step gives."""
+  data = exp.load_split("validation")
+  tx, schedule = exp.optimizer(1)
+  state = exp.init_state(tx)
+  hosts = [batching.make_batch(data, np.arange(8), 8, (w,)) for w in (16, 24, 40)]
+  trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
+  eval_step = exp.jit_eval_step()
+  traced = []
+  listener = lambda event, duration, **kw: traced.append(kw.get("fun_name")) if (
+      event == "/jax/core/compile/jaxpr_trace_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    trainer.precompile(state, {}, [], eval_step, hosts)
+    precompiled = [jax.device_get(eval_step(state["params"], {}, trainer.device_batch(h)))
+                   for h in hosts]
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert traced.count("eval_step") == 1, traced  # no trace when the programs run
+  assert sorted(eval_step.compiled) == [16, 24, 40]
+  plain = exp.jit_eval_step()
+  for host, outputs in zip(hosts, precompiled):
+    expected = jax.device_get(plain(state["params"], {}, trainer.device_batch(host)))
+    assert np.abs(expected["logits"]).max() > 1e-3
+    np.testing.assert_allclose(outputs["logits"], expected["logits"], rtol=1e-5, atol=1e-6)

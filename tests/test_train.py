@@ -143,5 +143,5 @@ def test_precompile_shapes_are_the_first_batch_of_each_bucket():
   for i, m in enumerate(maxima):
     expected.setdefault(batching.bucket_for(m, buckets), i)
   assert [expected[w] for w in sorted(expected)] == [1, 0, 2]
-  assert train._first_of_each_width(maxima, buckets).tolist() == [1, 0, 2]
-  assert train._first_of_each_width([], buckets).tolist() == []
+  assert batching.first_of_each_width(maxima, buckets).tolist() == [1, 0, 2]
+  assert batching.first_of_each_width([], buckets).tolist() == []

@@ -75,6 +75,16 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
   return buckets[-1]
 
 
+def first_of_each_width(maxima, buckets) -> np.ndarray:
+  """Positions of the first of `maxima` (each batch's longest example) in each bucket, by
+  ascending width: a batch is padded to the bucket of its longest example, so these are the
+  batches that meet every shape. Training batches can mix any examples, so for training the
+  maxima are the single examples' lengths, all of them: hence vectorised, with searchsorted
+  being bucket_for over the ascending buckets (longer than all: the last)."""
+  positions = np.minimum(np.searchsorted(buckets, maxima), len(buckets) - 1)
+  return np.unique(positions, return_index=True)[1]
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)
 
