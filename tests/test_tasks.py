@@ -11,7 +11,7 @@ import random
 import numpy as np
 import pytest
 
-from jaxft import evaluate, train
+from jaxft import evaluate, metrics as metrics_lib, train
 from jaxft.data import encode, tokens
 from jaxft.errors import UserError
 
@@ -281,3 +281,32 @@ def test_a_tag_outside_the_training_tags_names_sentence_and_line(minilm_dir, tmp
   with pytest.raises(UserError, match=r"sentence 2 \(line 7\): tag 'B-ORG' is not one of"):
     encode.read_split(path, c, models.load_tokenizer(minilm_dir, words_given=True),
                       ("O", "B-PER", "I-PER"), None)
+
+
+@pytest.mark.parametrize("num_labels, case", [(2, "random"), (3, "random"), (5, "random"),
+                                               (3, "one class never predicted"),
+                                               (2, "constant prediction"), (4, "all right")])
+def test_classification_metrics_match_scikit_learn(num_labels, case):
+  """The confusion-matrix metrics give scikit-learn's numbers (which they replace: importing
+  sklearn.metrics cost ~1 s of every evaluation)."""
+  from sklearn import metrics as skm
+  rng = np.random.default_rng(num_labels)
+  labels = rng.integers(0, num_labels, 300)
+  predictions = np.where(rng.random(300) < 0.7, labels, rng.integers(0, num_labels, 300))
+  if case == "one class never predicted":
+    predictions = np.where(predictions == 2, 0, predictions)
+  elif case == "constant prediction":
+    predictions = np.ones_like(labels)
+  elif case == "all right":
+    predictions = labels.copy()
+  got = metrics_lib.classification_metrics(labels, predictions, num_labels)
+  every = list(range(num_labels))
+  assert got["accuracy"] == pytest.approx(skm.accuracy_score(labels, predictions), abs=1e-12)
+  assert got["macro_f1"] == pytest.approx(skm.f1_score(
+      labels, predictions, average="macro", labels=every, zero_division=0), abs=1e-12)
+  assert got["mcc"] == pytest.approx(skm.matthews_corrcoef(labels, predictions), abs=1e-12)
+  if num_labels == 2:
+    assert got["binary_f1"] == pytest.approx(skm.f1_score(labels, predictions, zero_division=0),
+                                             abs=1e-12)
+  assert got["confusion_matrix"] == skm.confusion_matrix(labels, predictions,
+                                                         labels=every).tolist()
