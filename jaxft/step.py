@@ -94,15 +94,22 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
           (loss, weight, grads, tokens, examples), reduce_axis)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    # A non-finite loss or gradient leaves parameters and optimizer state as they were (the
-    # select fuses into the elementwise update); the loop then stops or skips (train.nonfinite).
+    # A non-finite loss or gradient leaves parameters and optimizer state as they were; the loop
+    # then stops or skips (train.nonfinite). lax.cond, not a select per leaf: selecting between
+    # new and old state made XLA copy all of the optimizer state every step (~0.03 s of a
+    # 0.2-0.4 s step at 32 x 8-24 tokens on the 2-core CPU).
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree_util.tree_map(keep_if_finite, params, state["params"])
-    opt_state = jax.tree_util.tree_map(keep_if_finite, opt_state, state["opt_state"])
+
+    def update(grads, opt_state, params):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    def keep(grads, opt_state, params):
+      return params, opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, keep, grads, state["opt_state"],
+                                     state["params"])
     metrics = {"loss": loss / denom, "grad_norm": grad_norm,
                "learning_rate": schedule(state["step"]), "examples": examples,
                "tokens": tokens, "finite": finite}
