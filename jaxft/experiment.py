@@ -230,8 +230,8 @@ class PmapTrainer:
                                   reduce_axis=parallel.PMAP_AXIS,
                                   dropout_rng=exp.config.train.dropout_rng)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
-    self._step = jax.pmap(fn, axis_name=parallel.PMAP_AXIS, in_axes=(0, 0, 0),
-                          donate_argnums=(0,))
+    self._step = WidthPrograms(fn, transform=jax.pmap, axis_name=parallel.PMAP_AXIS,
+                               in_axes=(0, 0, 0), donate_argnums=(0,))
     self._frozen = None
 
   def place(self, state: dict) -> dict:
@@ -240,14 +240,26 @@ class PmapTrainer:
   def device_batch(self, host_batch: dict) -> dict:
     return parallel.to_pmap_devices(host_batch)
 
-  def precompile(self, state: dict, frozen: dict, host_batches: list[dict], eval_step=None,
+  def precompile(self, state: dict, frozen: dict, host_batches: list[dict],
+                 eval_step: Optional["WidthPrograms"] = None,
                  eval_host_batches: Sequence[dict] = ()) -> None:
-    """pmap (the legacy mode) compiles each batch shape on its first use."""
+    """As JitTrainer.precompile, except that the pmapped step is traced for each shape (pmap
+    has no symbolic-width export)."""
+    pending = self._step.pending(host_batches, self.device_batch,
+                                 (state, self._replicated(frozen)))
+    if eval_step is not None:
+      pending += eval_step.pending(eval_host_batches,
+                                   lambda host: parallel.to_devices(host, self.exp.mesh),
+                                   (self.params(state), frozen))
+    compile_in_parallel(pending)
 
-  def step(self, state: dict, frozen: dict, batch: dict):
+  def _replicated(self, frozen: dict) -> dict:
     if self._frozen is None:  # replicated once, then reused by every step
       self._frozen = parallel.replicate(frozen)
-    state, metrics = self._step(state, self._frozen, batch)
+    return self._frozen
+
+  def step(self, state: dict, frozen: dict, batch: dict):
+    state, metrics = self._step(state, self._replicated(frozen), batch)
     return state, jax.tree_util.tree_map(lambda m: m[0], metrics)  # identical on every device
 
   def savable(self, state: dict) -> dict:
@@ -270,17 +282,21 @@ def compile_in_parallel(pending: list[tuple["WidthPrograms", int, Callable]]) ->
 
 
 def _width(batch: dict) -> int:
-  return batch["input_ids"].shape[1]
+  """The padded length: the last axis of the token ids ([rows, width], or pmap's
+  [devices, rows per device, width])."""
+  return batch["input_ids"].shape[-1]
 
 
 class WidthPrograms:
-  """`jax.jit(fn, **jit_kwargs)` for a step `fn(*fixed_args, batch)`, with programs compiled
-  ahead of time for chosen batch widths (`pending`, run by JitTrainer.precompile): a call runs
-  the program of its batch's width, else the jitted function (which compiles on first use)."""
+  """`jax.jit(fn, **jit_kwargs)` (or `transform`, e.g. jax.pmap) for a step
+  `fn(*fixed_args, batch)`, with programs compiled ahead of time for chosen batch widths
+  (`pending`, run by the trainers' precompile): a call runs the program of its batch's width,
+  else the jitted function (which compiles on first use)."""
 
-  def __init__(self, fn: Callable, **jit_kwargs):
+  def __init__(self, fn: Callable, transform: Callable = jax.jit, **jit_kwargs):
+    self._transform = transform
     self._jit_kwargs = jit_kwargs
-    self.jitted = jax.jit(fn, **jit_kwargs)
+    self.jitted = transform(fn, **jit_kwargs)
     self.compiled: dict[int, Any] = {}  # batch width -> compiled program
 
   def __call__(self, *args):
@@ -307,7 +323,7 @@ class WidthPrograms:
     specialisation ~0.1 s. Falls back to tracing each shape where that does not apply (one
     width, several processes, a model whose code needs a constant width)."""
     per_shape = lambda batch: self.jitted.lower(*fixed_args, batch)
-    if len(batches) < 2 or jax.process_count() > 1:
+    if len(batches) < 2 or jax.process_count() > 1 or self._transform is not jax.jit:
       return per_shape
     try:
       exported = export_over_width(self.jitted, fixed_args, batches)

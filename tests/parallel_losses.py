@@ -99,8 +99,11 @@ def main():
     method = "lora" if name.startswith("lora") else "none"  # e.g. --layout=lora_fsdp:jit:8:...
     final = train.train_and_evaluate(tiny_config(args, mode, mesh, args.steps, method), workdir,
                                      devices)
-    entry = {"losses": [r["loss"] for r in read_metrics(workdir, "train")],
-             "accuracy": final["accuracy"], "evals": {}}
+    records = read_metrics(workdir, "train")
+    entry = {"losses": [r["loss"] for r in records], "accuracy": final["accuracy"],
+             "compiles": [r["compiles"] for r in records],  # cumulative, this process
+             "batch_shapes": records[-1]["batch_shapes"],
+             "eval_steps": [r["step"] for r in read_metrics(workdir, "validation")], "evals": {}}
     for eval_text in args.eval_layouts:
       eval_name, _, eval_ndev, eval_mesh = parse_layout(eval_text)
       record = evaluate.evaluate_checkpoint(workdir, "latest", devices=jax.devices()[:eval_ndev],

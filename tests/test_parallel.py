@@ -47,6 +47,19 @@ def test_every_layout_logs_the_same_losses(layout_runs):
     assert abs(layout_runs[name]["accuracy"] - layout_runs["one"]["accuracy"]) <= 1e-3, name
 
 
+def test_jit_and_pmap_compile_every_train_shape_before_the_first_step(layout_runs):
+  """Training compiles nothing in the first epoch (every width is compiled before step 1) and
+  nothing after the first evaluation and save (which compile their own small programs once on
+  a multi-device mesh)."""
+  for name in ("dp8", "pmap8"):
+    run = layout_runs[name]
+    assert run["batch_shapes"] >= 2, run["batch_shapes"]  # several widths to compile
+    first_eval = run["eval_steps"][0]
+    assert first_eval < len(run["compiles"])  # there are steps after it
+    first_epoch, after = run["compiles"][:first_eval], run["compiles"][first_eval:]
+    assert len(set(first_epoch)) == 1 and len(set(after)) == 1, (name, run["compiles"])
+
+
 def test_lora_trains_the_same_under_every_parallel_mode(layout_runs):
   reference = layout_runs["lora_one"]["losses"]
   assert _max_relative_difference(reference, layout_runs["one"]["losses"]) > 1e-3  # it is LoRA
