@@ -131,20 +131,21 @@ class Experiment:
                          out_shardings=parallel.batch_sharding(self.mesh))
 
   # ---- evaluation -------------------------------------------------------------------------
-  def predict_outputs(self, eval_step: "WidthPrograms", params: dict, data: Encoded) -> dict[str, list]:
+  def predict_outputs(self, eval_step: "WidthPrograms", params: dict,
+                      data: Encoded) -> dict[str, list]:
     """The task's eval outputs (jaxft.tasks.Task.eval_outputs) of every example of `data`, in
     file order, no example dropped or repeated; per-token outputs cut to each example's length.
     Batches are sorted by length, so they pad little and reuse the training shapes."""
     out: dict[str, list] = {}
     frozen = self.frozen()
-    to_devices = lambda host: parallel.to_devices(host, self.mesh)
+    batches = self._eval_batches(data)
     # Widths not compiled yet (a new run's evaluation or prediction) compile all at once.
-    compile_in_parallel(eval_step.pending(self.first_eval_batch_of_each_width(data), to_devices,
-                                          (params, frozen)))
+    compile_in_parallel(eval_step.pending(self.first_eval_batch_of_each_width(data, batches),
+                                          self.to_mesh, (params, frozen)))
     lengths = data.lengths
-    for number, indices in enumerate(self._eval_batches(data)):
-      outputs = _to_host(eval_step(params, frozen, to_devices(self._eval_host_batch(
-          data, indices, number))))
+    for number, indices in enumerate(batches):
+      outputs = _to_host(eval_step(params, frozen,
+                                   self.to_mesh(self._eval_host_batch(data, indices, number))))
       for name, values in outputs.items():
         column = out.setdefault(name, [None] * len(data))
         for row, i in enumerate(indices):
@@ -158,20 +159,49 @@ class Experiment:
     return self.host_batch(data, indices, self.config.train.eval_batch_size,
                            mask_key=(mlm.EVAL_EPOCH, number))
 
-  def first_eval_batch_of_each_width(self, data: Encoded) -> list[dict]:
+  def first_eval_batch_of_each_width(self, data: Encoded,
+                                     batches: Optional[list[np.ndarray]] = None) -> list[dict]:
     """The first evaluation batch (host arrays) of each padded width of `data`: what compiling
-    every evaluation shape ahead of time needs."""
-    batches = self._eval_batches(data)
+    every evaluation shape ahead of time needs. `batches`: data's evaluation batches, when
+    the caller has them."""
+    batches = self._eval_batches(data) if batches is None else batches
     maxima = [data.lengths[b].max() for b in batches]
     return [self._eval_host_batch(data, batches[i], int(i))
             for i in batching.first_of_each_width(maxima, self.buckets)]
+
+  def to_mesh(self, host_batch: dict) -> dict:
+    """Host arrays as global arrays on the mesh, split over its batch axes (jit steps)."""
+    return parallel.to_devices(host_batch, self.mesh)
 
   def evaluate(self, eval_step, params: dict, data: Encoded) -> dict:
     """The task's metrics (jaxft.tasks.METRICS) of `params` on `data`."""
     return task_metrics(self.task, self.predict_outputs(eval_step, params, data), data)
 
 
-class JitTrainer:
+class _Trainer:
+  """What both trainers share: every train and eval shape compiled before training starts."""
+
+  def precompile(self, state: dict, frozen: dict, host_batches: list[dict],
+                 eval_step: Optional["WidthPrograms"] = None,
+                 eval_host_batches: Sequence[dict] = ()) -> None:
+    """Compiles the train step for each batch shape (one per bucket length the data can
+    produce) and the eval step for each evaluation shape before training starts, several at
+    once: no new shape compiles mid-run, and compiling in parallel threads (XLA releases the
+    GIL) overlaps what would be one stall per shape. Each jitted step is traced once for all
+    its widths (WidthPrograms.lowering; pmap traces each shape); `step` and `eval_step` then
+    call these programs.
+
+    Each program goes to a compiler thread as soon as it is traced, so tracing the next shape
+    (Python, holding the GIL) overlaps compiling the previous ones (XLA, without it)."""
+    pending = self._step.pending(host_batches, self.device_batch,
+                                 (state, self._step_frozen(frozen)))
+    if eval_step is not None:
+      pending += eval_step.pending(eval_host_batches, self.exp.to_mesh,
+                                   (self.params(state), frozen))
+    compile_in_parallel(pending)
+
+
+class JitTrainer(_Trainer):
   """`parallel.mode=jit`: one jitted step; state and batches carry their NamedShardings."""
 
   def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
@@ -191,24 +221,11 @@ class JitTrainer:
     return state
 
   def device_batch(self, host_batch: dict) -> dict:
-    return parallel.to_devices(host_batch, self.exp.mesh)
+    return self.exp.to_mesh(host_batch)
 
-  def precompile(self, state: dict, frozen: dict, host_batches: list[dict],
-                 eval_step: Optional["WidthPrograms"] = None,
-                 eval_host_batches: Sequence[dict] = ()) -> None:
-    """Compiles the train step for each batch shape (one per bucket length the data can
-    produce) and the eval step for each evaluation shape before training starts, several at
-    once: no new shape compiles mid-run, and compiling in parallel threads (XLA releases the
-    GIL) overlaps what would be one stall per shape. Each step is traced once for all its
-    widths (WidthPrograms.lowering); `step` and `eval_step` then call these programs.
-
-    Each program goes to a compiler thread as soon as it is traced, so tracing the next shape
-    (Python, holding the GIL) overlaps compiling the previous ones (XLA, without it)."""
-    pending = self._step.pending(host_batches, self.device_batch, (state, frozen))
-    if eval_step is not None:
-      pending += eval_step.pending(eval_host_batches, self.device_batch,
-                                   (self.params(state), frozen))
-    compile_in_parallel(pending)
+  def _step_frozen(self, frozen: dict) -> dict:
+    """The frozen parameters as the train step takes them."""
+    return frozen
 
   def step(self, state: dict, frozen: dict, batch: dict):
     return self._step(state, frozen, batch)
@@ -220,7 +237,7 @@ class JitTrainer:
     return state["params"]
 
 
-class PmapTrainer:
+class PmapTrainer(_Trainer):
   """`parallel.mode=pmap`: the same step under jax.pmap, state replicated on local devices."""
 
   def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
@@ -240,26 +257,13 @@ class PmapTrainer:
   def device_batch(self, host_batch: dict) -> dict:
     return parallel.to_pmap_devices(host_batch)
 
-  def precompile(self, state: dict, frozen: dict, host_batches: list[dict],
-                 eval_step: Optional["WidthPrograms"] = None,
-                 eval_host_batches: Sequence[dict] = ()) -> None:
-    """As JitTrainer.precompile, except that the pmapped step is traced for each shape (pmap
-    has no symbolic-width export)."""
-    pending = self._step.pending(host_batches, self.device_batch,
-                                 (state, self._replicated(frozen)))
-    if eval_step is not None:
-      pending += eval_step.pending(eval_host_batches,
-                                   lambda host: parallel.to_devices(host, self.exp.mesh),
-                                   (self.params(state), frozen))
-    compile_in_parallel(pending)
-
-  def _replicated(self, frozen: dict) -> dict:
+  def _step_frozen(self, frozen: dict) -> dict:
     if self._frozen is None:  # replicated once, then reused by every step
       self._frozen = parallel.replicate(frozen)
     return self._frozen
 
   def step(self, state: dict, frozen: dict, batch: dict):
-    state, metrics = self._step(state, self._replicated(frozen), batch)
+    state, metrics = self._step(state, self._step_frozen(frozen), batch)
     return state, jax.tree_util.tree_map(lambda m: m[0], metrics)  # identical on every device
 
   def savable(self, state: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Task metrics (scikit-learn's definitions) and the metric writers: metrics.jsonl and TensorBoard."""
+"""Task metrics (scikit-learn's definitions) and the writers: metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
 
