@@ -11,6 +11,15 @@ Where things live:
   metrics.py     task metrics and metric writers (metrics.jsonl, TensorBoard)
   experiment.py  what train and evaluate share: model, data and state for one config
   train.py evaluate.py   thin absl entry points
+  hugepages.py   why entry points restart themselves once (glibc huge pages for XLA's buffers)
 """
+
+import sys as _sys
+
+# Entry points only, before any heavy import. `python -m jaxft.hugepages` restarts itself in its
+# own __main__ (imported here first, runpy would warn about running a module already loaded).
+if "jaxft.hugepages" not in getattr(_sys, "orig_argv", ()):
+  from jaxft import hugepages as _hugepages
+  _hugepages.restart_entry_point_with_hugepages()
 
 __version__ = "0.1.0"

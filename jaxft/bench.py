@@ -4,7 +4,8 @@ Speed (one command, one run; ratios against baselines measured in the same run):
 1. the machine's fp32 matmul peak (a jitted 2048^3 matmul, best of 10);
 2. a fixed-shape train step (default model, `--batch` x `--length`, HF classification head) of
    jaxft against the plain-jit Hugging Face Flax step and the PyTorch eager loop (when torch is
-   installed), each framework in its own process (thread pools would compete), timed round-robin
+   installed), each in its own process (thread pools would compete; the baselines without the
+   malloc tunable of jaxft's entry points, jaxft.hugepages), timed round-robin
    so that machine noise hits all alike, each timed step right after an untimed one (as in a
    training loop); model-FLOPs utilisation
    (6 x non-embedding params x tokens + attention) against the measured peak;
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxft import baselines, experiment, models, runtime
+from jaxft import baselines, experiment, hugepages, models, runtime
 from jaxft.checkpoint import Checkpoints
 from jaxft.config import base_config
 from jaxft.data.encode import Encoded
@@ -200,20 +201,21 @@ def serve_steps(kinds: list[str], batch: int, length: int) -> None:
 
 
 class StepProcess:
-  """Train steps of one framework, run in their own process and called like functions.
+  """Train steps run in their own process and called like functions.
 
-  Each framework keeps its own thread pools: in one process, PyTorch's OpenMP threads and XLA's
-  pool competed for the two cores and slowed the jax steps by ~30% (3.35 s against 2.52 s
-  alone at 32 x 128). Steps of one framework share a process: jaxft and the plain-jit step then
-  run on the same XLA runtime, as a user's would.
+  Each kind of step gets a process of its own: in one process, PyTorch's OpenMP threads and
+  XLA's pool competed for the two cores and slowed the jax steps by ~30% (3.35 s against 2.52 s
+  alone at 32 x 128), and a baseline should run as its users' own script would, without the
+  malloc tunable that jaxft's entry points set (jaxft.hugepages): `baseline=True`.
   """
 
-  def __init__(self, kinds: list[str], batch: int, length: int):
+  def __init__(self, kinds: list[str], batch: int, length: int, baseline: bool = False):
     torch = "PyTorch eager" in kinds
+    env = hugepages.baseline_env(os.environ) if baseline else dict(os.environ)
     self._proc = subprocess.Popen(
         [sys.executable, "-m", "jaxft.bench", f"--worker={','.join(kinds)}", f"--batch={batch}",
          f"--length={length}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "USE_TORCH": "1" if torch else "0"})
+        env={**env, "TOKENIZERS_PARALLELISM": "false", "USE_TORCH": "1" if torch else "0"})
     infos = json.loads(self._readline())
     self.steps = {kind: (lambda i=i: self._step(i)) for i, kind in enumerate(kinds)}
     self.infos = dict(zip(kinds, infos))
@@ -238,10 +240,9 @@ class StepProcess:
 
 def fixed_shape(batch: int, length: int, rounds: int, torch: bool) -> dict:
   peak = matmul_peak_gflops()
-  # one process per framework, loaded one after the other
-  workers = [StepProcess(list(STEP_KINDS[:2]), batch, length)]
-  if torch:
-    workers.append(StepProcess([STEP_KINDS[2]], batch, length))
+  # one process per kind of step, loaded one after the other; the baselines as users run them
+  kinds = STEP_KINDS if torch else STEP_KINDS[:2]
+  workers = [StepProcess([kind], batch, length, baseline=kind != "jaxft") for kind in kinds]
   try:
     results = round_robin({k: f for w in workers for k, f in w.steps.items()}, rounds, settle=1)
   finally:
@@ -340,7 +341,8 @@ def trainer_e2e(data: dict, seed: int = 0) -> dict:
          f"--train_file={data['train_file']}", f"--validation_file={data['validation_file']}",
          f"--examples={data['examples']}", f"--batch={data['batch']}",
          f"--learning_rate={data['learning_rate']}", "--padding=dynamic", f"--seed={seed}"]
-  result = timed_process(cmd, {**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+  result = timed_process(cmd, {**hugepages.baseline_env(os.environ),
+                               "TOKENIZERS_PARALLELISM": "false"})
   result.update(json.loads(result["output"].strip().splitlines()[-1]),
                 name="HF PyTorch Trainer (dynamic padding)")
   return result
