@@ -50,6 +50,8 @@ def test_tables_print_ratios_against_the_baselines_of_the_same_run():
                                                      "mfu": 0.67}}}
   assert "| plain jit (HF Flax + optax) | 3.00 | 1365 | 1.50x | 67% |" in (
       bench.fixed_shape_table(fixed))
+  assert "peak 50.0 GFLOP/s (the higher of 48.0 and 50.0)" in bench.fixed_shape_table(
+      {**fixed, "matmul_peak_gflops_all": [48.0, 50.0]})
   runs = [{"name": "jaxft, cold compilation cache", "wall_s": 50.0, "accuracy": 0.81,
            "compiles": 9, "cache_hits": 0, "compile_s": 30.0, "padding_fraction": 0.4,
            "input_wait_fraction": 0.001, "peak_rss_mb": 2000.0},
