@@ -56,8 +56,9 @@ def _probe(env: dict) -> dict:
   return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(hugepages.thp_mode() != "madvise" or (hugepages.glibc_version() or (0, 0))
-                    < (2, 35), reason="needs glibc 2.35+ and transparent huge pages on madvise")
+@pytest.mark.skipif(hugepages.tunables_with_hugepages({}, hugepages.thp_mode(),
+                                                     hugepages.glibc_version()) is None,
+                    reason="needs glibc 2.35+ and transparent huge pages on madvise")
 def test_an_entry_point_restarts_with_the_tunable_and_faults_far_less():
   env = {k: v for k, v in os.environ.items()
          if k not in ("GLIBC_TUNABLES", hugepages.OPT_OUT, hugepages._BEFORE)}
