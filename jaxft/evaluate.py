@@ -88,7 +88,8 @@ def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validat
   runtime.configure_jax()
   exp, step, params = restore_for_eval(workdir, which, devices, mesh)
   data = exp.load_split(split)
-  outputs = exp.predict_outputs(exp.jit_eval_step(), params, data)
+  eval_step = exp.jit_eval_step(exp.program_cache_key("eval"))
+  outputs = exp.predict_outputs(eval_step, params, data)
   result = experiment.task_metrics(exp.task, outputs, data)
   examples = len(data.words.words) if data.words is not None else len(data)  # NER: sentences
   record = {"step": step, "split": split, "checkpoint": which, "metrics": result,

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from jaxft import config as config_lib
 from jaxft import metrics as metrics_lib
-from jaxft import models, optim, parallel, peft, step as step_lib, tasks
+from jaxft import models, optim, parallel, peft, program_cache, step as step_lib, tasks
 from jaxft.data import batching, mlm
 from jaxft.data.encode import Encoded, read_split
 from jaxft.errors import fail
@@ -120,15 +120,27 @@ class Experiment:
     return self._frozen_on_devices
 
   # ---- steps ------------------------------------------------------------------------------
-  def trainer(self, tx, schedule, abstract_state: dict) -> "JitTrainer | PmapTrainer":
-    """The train step for `parallel.mode`, with how its state and batches are laid out."""
+  def trainer(self, tx, schedule, abstract_state: dict, cache_prefix: Optional[str] = None
+              ) -> "JitTrainer | PmapTrainer":
+    """The train step for `parallel.mode`, with how its state and batches are laid out.
+    `cache_prefix`: program_cache_key("train", ...) to keep its programs across runs."""
     if self.config.parallel.mode == "pmap":
       return PmapTrainer(self, tx, schedule, abstract_state)
-    return JitTrainer(self, tx, schedule, abstract_state)
+    return JitTrainer(self, tx, schedule, abstract_state, cache_prefix)
 
-  def jit_eval_step(self) -> "WidthPrograms":
+  def jit_eval_step(self, cache_prefix: Optional[str] = None) -> "WidthPrograms":
     return WidthPrograms(step_lib.make_eval_step(self.logits, self.task.eval_outputs),
+                         cache_prefix=cache_prefix,
                          out_shardings=parallel.batch_sharding(self.mesh))
+
+  def program_cache_key(self, kind: str, **extra) -> Optional[str]:
+    """The program-cache prefix (jaxft.program_cache) of this experiment's `kind` of step
+    ("train", "eval"), `extra` naming what else built it (e.g. the schedule's num_steps);
+    None where the cache is off."""
+    if program_cache.directory() is None:
+      return None
+    return program_cache.experiment_key(self.config, self.model_dir, kind,
+                                        labels=list(self.label_names), **extra)
 
   # ---- evaluation -------------------------------------------------------------------------
   def predict_outputs(self, eval_step: "WidthPrograms", params: dict,
@@ -204,7 +216,8 @@ class _Trainer:
 class JitTrainer(_Trainer):
   """`parallel.mode=jit`: one jitted step; state and batches carry their NamedShardings."""
 
-  def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict):
+  def __init__(self, exp: Experiment, tx, schedule, abstract_state: dict,
+               cache_prefix: Optional[str] = None):
     self.exp = exp
     fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
                                   exp.config.train.grad_accum_steps,
@@ -213,7 +226,7 @@ class JitTrainer(_Trainer):
     self._in_shardings = (self.state_shardings, exp.frozen_shardings(),
                           parallel.batch_sharding(exp.mesh))
     self._out_shardings = (self.state_shardings, parallel.replicated(exp.mesh))
-    self._step = WidthPrograms(fn, in_shardings=self._in_shardings,
+    self._step = WidthPrograms(fn, cache_prefix=cache_prefix, in_shardings=self._in_shardings,
                                out_shardings=self._out_shardings, donate_argnums=(0,))
 
   def place(self, state: dict) -> dict:
@@ -274,15 +287,26 @@ class PmapTrainer(_Trainer):
     return _on_mesh(parallel.unreplicate(state["params"]), self.state_shardings["params"])
 
 
-def compile_in_parallel(pending: list[tuple["WidthPrograms", int, Callable]]) -> None:
-  """Compiles each (programs, width, lower) of WidthPrograms.pending into programs.compiled,
-  in parallel threads (XLA releases the GIL): lowering, in this thread, goes in order, so each
-  program compiles while the next is traced."""
+def compile_in_parallel(pending: list[tuple["WidthPrograms", int, Callable, Optional[str]]]
+                        ) -> None:
+  """Compiles each (programs, width, lower, key) of WidthPrograms.pending into
+  programs.compiled, in parallel threads (XLA releases the GIL): lowering, in this thread,
+  goes in order, so each program compiles while the next is traced. A program in jaxft's
+  program cache (`key`) is loaded instead, with no tracing or lowering at all."""
   threads = max(1, min(len(pending), os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    jobs = [(programs, width, pool.submit(lower().compile)) for programs, width, lower in pending]
-    for programs, width, job in jobs:
-      programs.compiled[width] = job.result()
+    jobs = []
+    for programs, width, lower, key in pending:
+      if program_cache.exists(key):
+        job = pool.submit(program_cache.load, key)
+      else:
+        job = pool.submit(program_cache.compile_program, lower(), key)
+      jobs.append((programs, width, lower, key, job))
+    for programs, width, lower, key, job in jobs:
+      compiled = job.result()
+      if compiled is None:  # a stored program that did not load: compile it after all
+        compiled = program_cache.compile_program(lower(), key)
+      programs.compiled[width] = compiled
 
 
 def _width(batch: dict) -> int:
@@ -297,8 +321,12 @@ class WidthPrograms:
   (`pending`, run by the trainers' precompile): a call runs the program of its batch's width,
   else the jitted function (which compiles on first use)."""
 
-  def __init__(self, fn: Callable, transform: Callable = jax.jit, **jit_kwargs):
+  def __init__(self, fn: Callable, transform: Callable = jax.jit,
+               cache_prefix: Optional[str] = None, **jit_kwargs):
+    """`cache_prefix` (program_cache.experiment_key): store and reuse the compiled programs
+    across runs; only for jax.jit steps."""
     self._transform = transform
+    self._cache_prefix = cache_prefix if transform is jax.jit else None
     self._jit_kwargs = jit_kwargs
     self.jitted = transform(fn, **jit_kwargs)
     self.compiled: dict[int, Any] = {}  # batch width -> compiled program
@@ -306,18 +334,21 @@ class WidthPrograms:
   def __call__(self, *args):
     return self.compiled.get(_width(args[-1]), self.jitted)(*args)
 
-  def pending(self, host_batches: Sequence[dict], to_device: Callable,
-              fixed_args: tuple) -> list[tuple["WidthPrograms", int, Callable]]:
-    """(self, width, () -> the step lowered for that width) for each width of `host_batches`
-    without a program yet; one batch per width goes to the devices. The step is traced on the
-    first call, so that the caller can compile one step's programs while tracing the next."""
+  def pending(self, host_batches: Sequence[dict], to_device: Callable, fixed_args: tuple
+              ) -> list[tuple["WidthPrograms", int, Callable, Optional[str]]]:
+    """(self, width, () -> the step lowered for that width, its program-cache key or None) for
+    each width of `host_batches` without a program yet; one batch per width goes to the
+    devices. The step is traced on the first call, so that the caller can compile one step's
+    programs while tracing the next (and never, for widths whose program is cached)."""
     by_width = {}
     for host_batch in host_batches:
       width = _width(host_batch)
       if width not in self.compiled and width not in by_width:
         by_width[width] = to_device(host_batch)
     lowering = functools.cache(lambda: self.lowering(fixed_args, list(by_width.values())))
-    return [(self, width, lambda batch=batch: lowering()(batch))
+    key = lambda batch: (None if self._cache_prefix is None else
+                         program_cache.program_key(self._cache_prefix, (fixed_args, batch)))
+    return [(self, width, lambda batch=batch: lowering()(batch), key(batch))
             for width, batch in by_width.items()]
 
   def lowering(self, fixed_args: tuple, batches: list[dict]) -> Callable:

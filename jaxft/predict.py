@@ -133,7 +133,8 @@ def predict(workdir: Optional[str], input_path: str, output: str, which: str = "
   _check_text_fields(input_path, exp.config, input_format)
   data = encode.read_inputs(input_path, exp.config, exp.tokenizer, exp.label_names,
                             input_format)
-  outputs = exp.predict_outputs(exp.jit_eval_step(), params, data)
+  eval_step = exp.jit_eval_step(exp.program_cache_key("eval"))
+  outputs = exp.predict_outputs(eval_step, params, data)
   records = prediction_records(exp.task, outputs, data)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -301,9 +301,10 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     else:
       evals_since_best += 1
 
-  trainer = exp.trainer(tx, schedule, abstract)
+  trainer = exp.trainer(tx, schedule, abstract,
+                        cache_prefix=exp.program_cache_key("train", num_steps=num_steps))
   state = trainer.place(state)
-  eval_step = exp.jit_eval_step()
+  eval_step = exp.jit_eval_step(exp.program_cache_key("eval"))
   frozen = exp.frozen()
   if start < num_steps:
     trainer.precompile(

@@ -1,0 +1,165 @@
+"""jaxft.program_cache: compiled steps kept across runs, loaded without tracing, keyed safely."""
+
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft import experiment, program_cache, train
+from jaxft.data import batching
+from jaxft.metrics import read_metrics
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  """A fresh JAX cache directory for this test (program_cache reads the setting on each use)."""
+  path = str(tmp_path / "xla")
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", path)  # else configure_jax sets the default
+  original = jax.config.values["jax_compilation_cache_dir"]
+  jax.config.update("jax_compilation_cache_dir", path)
+  yield os.path.join(path, "jaxft-programs")
+  jax.config.update("jax_compilation_cache_dir", original)
+
+
+def _stored(cache_dir):
+  return sorted(glob.glob(os.path.join(cache_dir, "*.bin")))
+
+
+def _no_tracing(monkeypatch):
+  """Fails the test if any step is traced or lowered for a precompiled width."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("a cached program was traced again")
+  monkeypatch.setattr(experiment.WidthPrograms, "lowering", refuse)
+
+
+def test_a_repeated_run_loads_every_program_and_trains_identically(tiny_config, tmp_path,
+                                                                    cache_dir, monkeypatch):
+  with tiny_config.unlocked():
+    tiny_config.train.num_epochs = 1.0
+  first = str(tmp_path / "first")
+  train.train_and_evaluate(tiny_config, first)
+  stored = _stored(cache_dir)
+  widths = set(tiny_config.data.bucket_lengths) if tiny_config.data.bucket_lengths else None
+  assert len(stored) >= 2  # at least one train and one eval program
+  if widths:
+    assert len(stored) <= 2 * len(widths)
+
+  loads = []
+  real_load = program_cache.load
+  monkeypatch.setattr(program_cache, "load", lambda key: loads.append(key) or real_load(key))
+  _no_tracing(monkeypatch)
+  second = str(tmp_path / "second")
+  train.train_and_evaluate(tiny_config, second)
+  assert len(loads) == len(stored) and _stored(cache_dir) == stored
+  strip = lambda records: [{k: v for k, v in r.items() if not k.endswith(("_per_sec", "seconds",
+                                                                          "fraction"))
+                            and not k.startswith("compile")} for r in records]
+  assert strip(read_metrics(second)) == strip(read_metrics(first))
+
+
+def test_a_loaded_train_step_donates_its_state_and_matches_a_compiled_one(tiny_config,
+                                                                          cache_dir, monkeypatch):
+  loaded = []
+  real_load = program_cache.load
+  monkeypatch.setattr(program_cache, "load", lambda key: loaded.append(key) or real_load(key))
+  exp = experiment.build(tiny_config)
+  tx, schedule = exp.optimizer(10)
+  prefix = exp.program_cache_key("train", num_steps=10)
+  hosts = [batching.make_batch(exp.train_data, np.arange(16), 16, (w,)) for w in (16, 24)]
+  results = []
+  for _ in range(2):  # compiles and stores, then loads
+    trainer = exp.trainer(tx, schedule, exp.abstract_state(tx), cache_prefix=prefix)
+    state = exp.init_state(tx)
+    trainer.precompile(state, {}, hosts)
+    batch = trainer.device_batch(hosts[1])
+    new_state, metrics = trainer.step(state, {}, batch)
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state["params"]))
+    results.append((float(metrics["loss"]), jax.device_get(new_state["params"])))
+  assert len(_stored(cache_dir)) == 2 and len(loaded) == 2  # the second trainer's two widths
+  (loss1, p1), (loss2, p2) = results
+  assert loss1 == loss2
+  for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_entry_is_compiled_again_and_replaced(tiny_config, cache_dir, caplog):
+  exp = experiment.build(tiny_config)
+  data = exp.load_split("validation")
+  params = exp.init_state(exp.optimizer(1)[0])["params"]
+  prefix = exp.program_cache_key("eval")
+  reference = exp.predict_outputs(exp.jit_eval_step(prefix), params, data)["logits"]
+  for path in _stored(cache_dir):
+    with open(path, "wb") as f:
+      f.write(b"not a program")
+  outputs = exp.predict_outputs(exp.jit_eval_step(prefix), params, data)["logits"]
+  np.testing.assert_allclose(np.stack(outputs), np.stack(reference), rtol=1e-6)
+  assert "did not load" in caplog.text
+  assert all(os.path.getsize(p) > 1000 for p in _stored(cache_dir))
+
+
+def test_the_key_changes_with_what_builds_the_step(tiny_config, tiny_model_dir, tmp_path,
+                                                   cache_dir):
+  key = lambda config, kind="train", model_dir=tiny_model_dir, **extra: (
+      program_cache.experiment_key(config, model_dir, kind, **extra))
+  base = key(tiny_config, num_steps=10)
+  assert key(tiny_config.copy_and_resolve_references(), num_steps=10) == base
+  assert key(tiny_config, num_steps=11) != base  # the learning-rate schedule's length
+  assert key(tiny_config, "eval", num_steps=10) != base
+  changed = tiny_config.copy_and_resolve_references()
+  with changed.unlocked():
+    changed.train.learning_rate *= 2
+  assert key(changed, num_steps=10) != base
+  other_model = tmp_path / "model"
+  other_model.mkdir()
+  with open(os.path.join(tiny_model_dir, "config.json")) as f:
+    text = f.read()
+  (other_model / "config.json").write_text(text.replace('"hidden_dropout_prob": 0.0',
+                                                        '"hidden_dropout_prob": 0.1'))
+  assert '"hidden_dropout_prob": 0.0' in text
+  assert key(tiny_config, model_dir=str(other_model), num_steps=10) != base
+
+  x = jax.numpy.zeros((4, 16), jax.numpy.int32)
+  shapes = {program_cache.program_key(base, {"ids": y}) for y in
+            (x, jax.numpy.zeros((4, 24), jax.numpy.int32), x.astype(jax.numpy.float32))}
+  assert len(shapes) == 3
+  assert program_cache.program_key(base, {"ids": x}) == program_cache.program_key(
+      base, {"ids": jax.numpy.ones((4, 16), jax.numpy.int32)})  # values do not matter
+
+
+def test_off_without_a_jax_cache_directory(tiny_config, monkeypatch):
+  original = jax.config.values["jax_compilation_cache_dir"]
+  jax.config.update("jax_compilation_cache_dir", None)
+  try:
+    assert program_cache.directory() is None
+    assert experiment.build(tiny_config).program_cache_key("eval") is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", original)
+
+
+def test_programs_loaded_from_jax_cache_are_not_stored(tiny_config, tmp_path, cache_dir):
+  """XLA:CPU serialises an executable that JAX loaded from its own cache without some kernels
+  (a later process failed: "NOT_FOUND: Function wrapped_convert not found"). Runs in separate
+  processes: one fills both caches; with jaxft's emptied, the next loads everything from JAX's
+  and stores nothing; the one after still runs (from JAX's cache)."""
+  import shutil
+  import subprocess
+  import sys
+  from conftest import write_config_file
+  config = write_config_file(tmp_path / "cfg.py", tiny_config.model.name_or_path,
+                             tiny_config.data.train_file, tiny_config.data.validation_file,
+                             num_train_steps=2)
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.dirname(cache_dir)}
+  run = lambda name: subprocess.run(
+      [sys.executable, "-m", "jaxft.train", f"--config={config}",
+       f"--workdir={tmp_path / name}"], capture_output=True, text=True, env=env, timeout=600)
+  first = run("first")
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert len(_stored(cache_dir)) >= 2
+  shutil.rmtree(cache_dir)
+  for name in ("second", "third"):
+    result = run(name)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _stored(cache_dir) == [], name
+    assert read_metrics(str(tmp_path / name), "validation")
