@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Optional
 
 import numpy as np
@@ -140,7 +141,6 @@ def _summary_writer_class():
   which jaxft never passes): 1.3-2.7 s of every run's start on the 2-core CPU. Where torch is
   not loaded yet, the import sees it as absent; torch stays importable afterwards.
   """
-  import sys
   if "tensorboardX" in sys.modules or "torch" in sys.modules:
     from tensorboardX import SummaryWriter
     return SummaryWriter

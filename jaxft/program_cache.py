@@ -24,12 +24,13 @@ import json
 import logging
 import os
 import pickle
-import threading
 import time
 import zlib
 from typing import Any, Optional
 
 import jax
+
+from jaxft import runtime
 
 VERSION = 2  # bump when the stored format or the key's recipe changes
 _LIBRARIES = ("jax", "jaxlib", "flax", "optax", "transformers", "numpy", "ml_dtypes")
@@ -119,7 +120,6 @@ def load(key: str) -> Optional[jax.stages.Compiled]:
   """The stored program, or None when it is missing or cannot be loaded (it is then removed,
   and compiled again)."""
   from jax.experimental import serialize_executable
-  from jaxft.runtime import CompileStats
   path = _path(key)
   start = time.perf_counter()
   try:
@@ -138,17 +138,8 @@ def load(key: str) -> Optional[jax.stages.Compiled]:
     except OSError:
       pass
     return None
-  CompileStats.record_load(time.perf_counter() - start)
+  runtime.CompileStats.record_load(time.perf_counter() - start)
   return compiled
-
-
-_thread = threading.local()  # .jax_cache_hit: this thread's last compile was a JAX cache load
-_listening = False
-
-
-def _note_jax_cache_hit(event: str, **_) -> None:
-  if event == "/jax/compilation_cache/cache_hits":
-    _thread.jax_cache_hit = True  # JAX records the event in the thread that compiles
 
 
 def compile_program(lowered, key: Optional[str]) -> jax.stages.Compiled:
@@ -158,15 +149,10 @@ def compile_program(lowered, key: Optional[str]) -> jax.stages.Compiled:
   executable without some of its kernels, and a later process running it failed with
   "NOT_FOUND: Function wrapped_convert not found" (the next run that compiles it stores it).
   """
-  global _listening
   if key is None:
     return lowered.compile()
-  if not _listening:
-    jax.monitoring.register_event_listener(_note_jax_cache_hit)
-    _listening = True
-  _thread.jax_cache_hit = False
-  compiled = lowered.compile()
-  if not _thread.jax_cache_hit:
+  compiled, from_jax_cache = runtime.compile_noting_cache_hit(lowered)
+  if not from_jax_cache:
     store(key, compiled)
   return compiled
 

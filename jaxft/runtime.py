@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 import jax
 
@@ -47,9 +48,13 @@ def _count_compile(event: str, duration: float, **_) -> None:
     CompileStats.seconds += duration
 
 
+_thread = threading.local()  # .jax_cache_hit: this thread's compile was a JAX cache load
+
+
 def _count_cache_hit(event: str, **_) -> None:
   if event == "/jax/compilation_cache/cache_hits":
     CompileStats.cache_hits += 1
+    _thread.jax_cache_hit = True  # JAX records the event in the thread that compiles
 
 
 _listening = False
@@ -61,6 +66,14 @@ def count_compilations() -> None:
     jax.monitoring.register_event_duration_secs_listener(_count_compile)
     jax.monitoring.register_event_listener(_count_cache_hit)
     _listening = True
+
+
+def compile_noting_cache_hit(lowered) -> tuple:
+  """(`lowered.compile()`, whether JAX loaded it from its persistent cache instead)."""
+  count_compilations()
+  _thread.jax_cache_hit = False
+  compiled = lowered.compile()
+  return compiled, _thread.jax_cache_hit
 
 
 def configure_jax() -> None:
