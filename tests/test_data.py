@@ -52,6 +52,36 @@ def test_bad_files_raise_user_errors(tmp_path, content, message):
     files.read_columns(str(path), None)
 
 
+def test_tsv_rows_as_pandas_read_them(tmp_path):
+  """Blank lines skipped, CRLF line ends and a byte-order mark dropped, trailing spaces kept,
+  a short row padded with empty strings, a field past csv's default 128 KiB limit kept."""
+  long_text = "w " * 100_000
+  (tmp_path / "r.tsv").write_bytes(
+      ("\ufeffsentence\tlabel\r\na \t1\r\n\r\nb\r\n" + long_text + "\t0\r\n").encode())
+  cols = files.read_columns(str(tmp_path / "r.tsv"), None)
+  assert cols == {"sentence": ["a ", "b", long_text], "label": ["1", "", "0"]}
+  assert files.read_columns(str(tmp_path / "r.tsv"), None, max_rows=2)["label"] == ["1", ""]
+
+
+def test_a_row_with_too_many_fields_names_its_line(tmp_path):
+  (tmp_path / "x.tsv").write_text("sentence\tlabel\nok\t1\nbad\t0\textra\n")
+  with pytest.raises(UserError, match=r"line 3 of .*x.tsv has 3 fields where the header has 2"):
+    files.read_columns(str(tmp_path / "x.tsv"), None)
+
+
+def test_reading_tsv_does_not_import_datasets(tmp_path):
+  """`datasets` (with pandas and pyarrow) took 0.6 s to import: only non-delimited formats
+  pay for it."""
+  import subprocess
+  import sys
+  path = write_tsv(tmp_path / "t.tsv", [("a", 1)])
+  code = ("import sys; from jaxft.data import files; files.read_columns(sys.argv[1], None); "
+          "print('datasets' in sys.modules, 'pandas' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                       check=True).stdout.split()
+  assert out == ["False", "False"]
+
+
 def test_unknown_extension_asks_for_format(tmp_path):
   (tmp_path / "data.txt").write_text("a\tb\n")
   with pytest.raises(UserError, match="data.format"):
