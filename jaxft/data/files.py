@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import logging
 import os
 from typing import Optional, Sequence
@@ -83,8 +84,9 @@ def _column_names(path: str, delimiter: str, has_header: bool,
   return found
 
 
+@functools.cache
 def _datasets():
-  """Hugging Face `datasets`, imported on first use, quiet."""
+  """Hugging Face `datasets`, imported and quietened once, on first use."""
   import datasets
   datasets.disable_progress_bars()
   datasets.logging.set_verbosity_error()
