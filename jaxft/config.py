@@ -15,7 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxft.errors import fail
-from jaxft import hash_rng, peft, tasks
+from jaxft import attention, hash_rng, peft, tasks
 from jaxft.parallel import DEFAULT_PARAM_RULES, check_rules
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the right head for encoders trained as sentence embedders, such as the default model.
   c.model.pooling = "default"
   c.model.trust_remote_code = False
+  # Self-attention of BERT-family models: "jaxft" (jaxft.attention: Hugging Face's values with a
+  # backward pass in the form XLA's CPU backend runs fast), "hf" (Hugging Face's code as is), or
+  # "auto": jaxft's on the CPU, Hugging Face's on GPU and TPU.
+  c.model.attention = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.train_file = config_dict.placeholder(str)
@@ -177,6 +181,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0.0 < c.task.threshold < 1.0, "config task.threshold must be in (0, 1)")
   _check(0.0 < c.task.mlm_probability < 1.0, "config task.mlm_probability must be in (0, 1)")
   _one_of("model.pooling", c.model.pooling, POOLINGS)
+  _one_of("model.attention", c.model.attention, attention.ATTENTIONS)
   _check(c.model.pooling == "default" or kind in tasks.SEQUENCE_KINDS,
          f"config model.pooling={c.model.pooling} pools a sentence into one vector; "
          f"task.kind={kind} predicts per token: use model.pooling=default")

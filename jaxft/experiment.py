@@ -458,7 +458,8 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   task = tasks.make(config.task.kind, tuple(label_names or ()) if needs_labels else (),
                     config.task.threshold)
   model = models.load_model(model_dir, task, config.model.pooling, config.seed,
-                            config.train.compute_dtype, config.model.trust_remote_code)
+                            config.train.compute_dtype, config.model.trust_remote_code,
+                            config.model.attention)
   if task.kind == "regression" and train_data is not None:
     model = _start_at_the_mean(model, train_data.labels, config.peft.head_pattern)
   _check_model_fits(config, tokenizer, model)

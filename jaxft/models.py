@@ -17,8 +17,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from flax import traverse_util
 
+from jaxft import attention
 from jaxft.errors import fail
 
 DEFAULT_MODEL = "minilm"
@@ -139,6 +141,7 @@ class Model:
   pooling: str
   model_dir: str
   hf_config: Any
+  jaxft_attention: bool = False  # BERT-family self-attention through jaxft.attention
 
   @property
   def base_prefix(self) -> str:
@@ -154,6 +157,13 @@ class Model:
              train: bool) -> jax.Array:
     """float32 logits, [batch, outputs] or [batch, length, outputs] (token tasks); pure in
     (params, batch, dropout_rng)."""
+    if not self.jaxft_attention:
+      return self._logits(params, batch, dropout_rng, train)
+    with nn.intercept_methods(attention.interceptor):
+      return self._logits(params, batch, dropout_rng, train)
+
+  def _logits(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
+              train: bool) -> jax.Array:
     if self.pooling == "default":
       out = self.hf_model(**self._inputs(batch), params=params, dropout_rng=dropout_rng,
                           train=train)
@@ -198,8 +208,9 @@ def _head_config_kwargs(task) -> dict:
 
 
 def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str = "float32",
-               trust_remote_code: bool = False) -> Model:
-  """Loads the pretrained encoder with a fresh head for `task` (jaxft.tasks.Task)."""
+               trust_remote_code: bool = False, attention_choice: str = "auto") -> Model:
+  """Loads the pretrained encoder with a fresh head for `task` (jaxft.tasks.Task);
+  `attention_choice` is config model.attention (jaxft.attention)."""
   _quiet_transformers()
   import transformers
   from transformers import AutoConfig
@@ -233,7 +244,8 @@ def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str
     saved_head = _fitting_head(_read_mean_pooling_head(model_dir), head_shapes, None)
     params = {hf_model.base_model_prefix: params,
               "classifier": _init_missing(head_shapes, saved_head, seed, std)}
-  return Model(hf_model, params, pooling, model_dir, hf_config)
+  return Model(hf_model, params, pooling, model_dir, hf_config,
+               attention.uses_jaxft(attention_choice))
 
 
 MEAN_POOLING_HEAD_FILE = "jaxft_head.safetensors"  # written by jaxft.export for pooling=mean
