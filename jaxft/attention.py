@@ -11,7 +11,7 @@ dot is a plain batched [m, k] x [k, n] product: the small [batch, length, heads,
 are transposed instead of the large [batch, heads, q, k] ones, and the backward pass reuses the
 dropped-out probabilities, so the mask is never needed at full size. Measured in turns in one
 process: the core forward and backward 1.2-1.3x faster, its forward 2x; the whole forward
-(evaluation, prediction) at 32 x 128 1.2-1.6x; the whole train step 1-3% (the README's Speed
+(evaluation, prediction) at 32 x 128 1.2-1.6x; the whole train step 0-2% (the README's Speed
 section). tests/test_attention.py checks values and gradients against Hugging Face's.
 
 The values are Hugging Face's FlaxBertSelfAttention's: the same projections (so LoRA's Dense
