@@ -49,7 +49,7 @@ def uses_jaxft(choice: str, platform: Optional[str] = None) -> bool:
 
 
 def _heads(x: jax.Array) -> jax.Array:
-  """[batch, length, heads, depth] -> [batch, heads, length, depth]."""
+  """[batch, length, heads, depth] -> [batch, heads, length, depth], and back (self-inverse)."""
   return jnp.transpose(x, (0, 2, 1, 3))
 
 
@@ -79,7 +79,7 @@ def _probabilities(q, k, bias):
 def _forward(q, k, v, bias, multiplier):
   p = _probabilities(q, k, bias)
   dropped = p if multiplier is None else p * multiplier
-  return jnp.transpose(jnp.matmul(dropped, _heads(v)), (0, 2, 1, 3)), (q, k, v, p, dropped)
+  return _heads(jnp.matmul(dropped, _heads(v))), (q, k, v, p, dropped)
 
 
 @jax.custom_vjp
@@ -110,7 +110,7 @@ def _attention_bwd(residuals, g):
 attention.defvjp(_forward, _attention_bwd)
 
 
-def _dropout_multiplier(module, length_q: int, length_k: int) -> Optional[jax.Array]:
+def _dropout_multiplier(module, length_q: int, length_k: int) -> jax.Array:
   """flax's broadcast attention dropout, drawn as `dot_product_attention_weights` draws it."""
   rate = module.config.attention_probs_dropout_prob
   keep_prob = 1.0 - rate
