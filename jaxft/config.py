@@ -48,9 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   # the right head for encoders trained as sentence embedders, such as the default model.
   c.model.pooling = "default"
   c.model.trust_remote_code = False
-  # Self-attention of BERT-family models: "jaxft" (jaxft.attention: Hugging Face's values with a
-  # backward pass in the form XLA's CPU backend runs fast), "hf" (Hugging Face's code as is), or
-  # "auto": jaxft's on the CPU, Hugging Face's on GPU and TPU.
+  # Self-attention of BERT-family models (jaxft.attention), all with Hugging Face's values:
+  # "kernel" (a fused C++ kernel for the CPU, built on first use: jaxft.native), "jaxft" (JAX
+  # with a backward pass in the form XLA's CPU backend runs fast), "hf" (Hugging Face's code as
+  # is), or "auto": the kernel on the CPU where it builds (else jaxft), Hugging Face's on GPU/TPU.
   c.model.attention = "auto"
 
   c.data = ml_collections.ConfigDict()

@@ -16,7 +16,8 @@ from jax.experimental import multihost_utils
 
 from jaxft import config as config_lib
 from jaxft import metrics as metrics_lib
-from jaxft import models, optim, parallel, peft, program_cache, step as step_lib, tasks
+from jaxft import (attention, models, native, optim, parallel, peft, program_cache,
+                   step as step_lib, tasks)
 from jaxft.data import batching, mlm
 from jaxft.data.encode import Encoded, read_split
 from jaxft.errors import fail
@@ -140,7 +141,8 @@ class Experiment:
     if program_cache.directory() is None:
       return None
     return program_cache.experiment_key(self.config, self.model_dir, kind,
-                                        labels=list(self.label_names), **extra)
+                                        labels=list(self.label_names),
+                                        attention=self.model.attention, **extra)
 
   # ---- evaluation -------------------------------------------------------------------------
   def predict_outputs(self, eval_step: "WidthPrograms", params: dict,
@@ -381,7 +383,11 @@ def export_over_width(jitted, fixed_args: tuple, batches: list[dict]):
     return jax.ShapeDtypeStruct((x.shape[0], width, *x.shape[2:]), x.dtype, sharding=x.sharding)
 
   batch = {name: symbolic(name, x) for name, x in batches[0].items()}
-  return export.export(jitted)(*jax.tree_util.tree_map(abstract, fixed_args), batch)
+  # jaxft's own kernels (jaxft.native) are custom calls that export refuses by default: the
+  # exported program is only ever run here, in this process.
+  ours = [export.DisabledSafetyCheck.custom_call(t) for t in native.registered_targets()]
+  return export.export(jitted, disabled_checks=ours)(
+      *jax.tree_util.tree_map(abstract, fixed_args), batch)
 
 
 def _on_mesh(host_tree, shardings):
@@ -457,9 +463,12 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
     fail("the label names are unknown: set data.label_names or give a training file")
   task = tasks.make(config.task.kind, tuple(label_names or ()) if needs_labels else (),
                     config.task.threshold)
+  mesh = parallel.make_mesh(dict(config.parallel.mesh), devices)
+  whole_arrays = mesh.devices.size == 1 or config.parallel.mode == "pmap"
   model = models.load_model(model_dir, task, config.model.pooling, config.seed,
                             config.train.compute_dtype, config.model.trust_remote_code,
-                            config.model.attention)
+                            attention.implementation(config.model.attention,
+                                                     whole_arrays=whole_arrays))
   if task.kind == "regression" and train_data is not None:
     model = _start_at_the_mean(model, train_data.labels, config.peft.head_pattern)
   _check_model_fits(config, tokenizer, model)
@@ -471,7 +480,6 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
     trainable = {**trainable, peft.LORA_KEY: lora}
     logits = peft.with_lora(model.logits, peft.lora_scale(config.peft.lora),
                             config.peft.lora.dropout)
-  mesh = parallel.make_mesh(dict(config.parallel.mesh), devices)
   parallel.check_batch_size("train.batch_size", config.train.batch_size // 
                             config.train.grad_accum_steps, mesh)
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)

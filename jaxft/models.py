@@ -141,7 +141,9 @@ class Model:
   pooling: str
   model_dir: str
   hf_config: Any
-  jaxft_attention: bool = False  # BERT-family self-attention through jaxft.attention
+  # BERT-family self-attention: "hf" (Hugging Face's code), "jaxft" or "kernel" (through
+  # jaxft.attention, see attention.implementation)
+  attention: str = "hf"
 
   @property
   def base_prefix(self) -> str:
@@ -157,9 +159,9 @@ class Model:
              train: bool) -> jax.Array:
     """float32 logits, [batch, outputs] or [batch, length, outputs] (token tasks); pure in
     (params, batch, dropout_rng)."""
-    if not self.jaxft_attention:
+    if self.attention == "hf":
       return self._logits(params, batch, dropout_rng, train)
-    with nn.intercept_methods(attention.interceptor):
+    with nn.intercept_methods(attention.interceptor_for(self.attention)):
       return self._logits(params, batch, dropout_rng, train)
 
   def _logits(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
@@ -208,9 +210,10 @@ def _head_config_kwargs(task) -> dict:
 
 
 def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str = "float32",
-               trust_remote_code: bool = False, attention_choice: str = "auto") -> Model:
+               trust_remote_code: bool = False, attention_implementation: str = "hf") -> Model:
   """Loads the pretrained encoder with a fresh head for `task` (jaxft.tasks.Task);
-  `attention_choice` is config model.attention (jaxft.attention)."""
+  `attention_implementation` is what runs BERT-family self-attention
+  (jaxft.attention.implementation)."""
   _quiet_transformers()
   import transformers
   from transformers import AutoConfig
@@ -244,8 +247,7 @@ def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str
     saved_head = _fitting_head(_read_mean_pooling_head(model_dir), head_shapes, None)
     params = {hf_model.base_model_prefix: params,
               "classifier": _init_missing(head_shapes, saved_head, seed, std)}
-  return Model(hf_model, params, pooling, model_dir, hf_config,
-               attention.uses_jaxft(attention_choice))
+  return Model(hf_model, params, pooling, model_dir, hf_config, attention_implementation)
 
 
 MEAN_POOLING_HEAD_FILE = "jaxft_head.safetensors"  # written by jaxft.export for pooling=mean

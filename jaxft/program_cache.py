@@ -54,7 +54,7 @@ def _environment() -> str:
   for root, dirs, files in os.walk(package):
     dirs.sort()
     for name in sorted(files):
-      if name.endswith(".py"):
+      if name.endswith((".py", ".cc")):  # .cc: jaxft's native kernels (jaxft.native)
         with open(os.path.join(root, name), "rb") as f:
           source.update(name.encode() + b"\0" + f.read())
   versions = {}

@@ -26,4 +26,7 @@ fi
 if [ "$MODE" = "test" ] && [ -z "${JAXFT_NO_TORCH:-}" ]; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0" "peft>=0.17,<1"
 fi
+# jaxft's C++ for the CPU (jaxft.native), built now rather than by the first run; where it
+# cannot be built (no C++ compiler), jaxft runs without it.
+.venv/bin/python -m jaxft.native || echo "jaxft: running without its C++ kernels (see above)"
 .venv/bin/python -c "import jaxft, jax; print('jaxft', jaxft.__version__, 'on', jax.devices())"

@@ -1,4 +1,8 @@
-"""jaxft.attention gives Hugging Face's values and gradients, dropout masks included."""
+"""jaxft.attention gives Hugging Face's values and gradients, dropout masks included, by its
+JAX path and by the fused CPU kernel (jaxft/native/attention_cpu.cc)."""
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -6,18 +10,22 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxft import attention
+from jaxft import attention, native
+from jaxft.errors import UserError
+
+PATHS = ("jaxft", "kernel")
 
 
 def _tiny(family: str, dtype=jnp.float32):
-  """A random 2-layer sequence classifier of a BERT-family architecture, with dropout on."""
+  """A random 2-layer sequence classifier of a BERT-family architecture, with dropout on; 4
+  heads of depth 16 (the kernel takes depths that are multiples of 16)."""
   import transformers
   config_class = getattr(transformers, f"{family}Config")
-  config = config_class(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+  config = config_class(vocab_size=120, hidden_size=64, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=48,
                         max_position_embeddings=64, hidden_dropout_prob=0.1,
                         attention_probs_dropout_prob=0.2, num_labels=3,
-                        **({"embedding_size": 32} if family == "Electra" else {}))
+                        **({"embedding_size": 64} if family == "Electra" else {}))
   model_class = getattr(transformers, f"Flax{family}ForSequenceClassification")
   return model_class(config, seed=0, dtype=dtype)
 
@@ -30,43 +38,59 @@ def _batch(batch=3, length=11):
   return jnp.asarray(rng.integers(5, 120, (batch, length))), jnp.asarray(mask)
 
 
-def _loss_and_grads(model, ids, mask, jaxft_path: bool, train: bool = True):
+def _loss_and_grads(model, ids, mask, path: str, train: bool = True):
+  """Loss and gradients with self-attention by `path`: "hf", "jaxft" or "kernel"."""
   def loss(params):
     def logits():
       return model(ids, mask, params=params, dropout_rng=jax.random.PRNGKey(7), train=train).logits
-    if jaxft_path:
-      with nn.intercept_methods(attention.interceptor):
-        out = logits()
-    else:
+    if path == "hf":
       out = logits()
+    else:
+      with nn.intercept_methods(attention.interceptor_for(path)):
+        out = logits()
     return jnp.sum(jnp.sin(out.astype(jnp.float32)) * jnp.arange(1.0, 4.0))
   return jax.jit(jax.value_and_grad(loss))(model.params)
 
 
-@pytest.fixture
-def fast_path_calls(monkeypatch):
-  """How many times the interceptor took jaxft's attention (while tracing)."""
+def _counted(monkeypatch, name: str) -> list:
+  """The shapes of q in every call of attention.`name` (made while tracing)."""
   calls = []
-  original = attention.attention
+  original = getattr(attention, name)
 
   def counted(*args):
     calls.append(args[0].shape)
     return original(*args)
 
-  monkeypatch.setattr(attention, "attention", counted)
+  monkeypatch.setattr(attention, name, counted)
   return calls
 
 
+@pytest.fixture
+def fast_path_calls(monkeypatch):
+  """How many times the interceptor took jaxft's JAX attention (while tracing)."""
+  return _counted(monkeypatch, "attention")
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+  """How many times the interceptor took the fused kernel (while tracing)."""
+  return _counted(monkeypatch, "kernel_attention")
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("family,train", [("Bert", True), ("Bert", False), ("Roberta", True),
                                           ("Electra", True)])
-def test_same_loss_and_gradients_as_hugging_face(family, train, fast_path_calls):
+def test_same_loss_and_gradients_as_hugging_face(family, train, path, fast_path_calls,
+                                                  kernel_calls):
   model = _tiny(family)
   ids, mask = _batch()
-  loss_hf, grads_hf = _loss_and_grads(model, ids, mask, jaxft_path=False, train=train)
-  assert fast_path_calls == []
-  loss, grads = _loss_and_grads(model, ids, mask, jaxft_path=True, train=train)
-  assert len(fast_path_calls) == 2  # both layers, shapes [batch, length, heads, depth]
-  assert fast_path_calls[0] == (3, 11, 4, 8)
+  loss_hf, grads_hf = _loss_and_grads(model, ids, mask, "hf", train=train)
+  assert fast_path_calls == [] and kernel_calls == []
+  loss, grads = _loss_and_grads(model, ids, mask, path, train=train)
+  taken = kernel_calls if path == "kernel" else fast_path_calls
+  assert len(taken) == 2  # both layers, shapes [batch, length, heads, depth]
+  assert taken[0] == (3, 11, 4, 16)
+  assert (fast_path_calls if path == "kernel" else kernel_calls) == []
   np.testing.assert_allclose(loss, loss_hf, rtol=1e-6)
   flat_hf, flat = jax.tree_util.tree_leaves(grads_hf), jax.tree_util.tree_leaves(grads)
   worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(flat_hf, flat))
@@ -74,24 +98,27 @@ def test_same_loss_and_gradients_as_hugging_face(family, train, fast_path_calls)
   assert largest > 0.1 and worst < 1e-5 * largest, (worst, largest)
 
 
-def test_dropout_masks_follow_the_rng():
+@pytest.mark.parametrize("path", PATHS)
+def test_dropout_masks_follow_the_rng(path):
   """Same key: the masks Hugging Face draws; another key: a different loss (dropout is on)."""
   model = _tiny("Bert")
   ids, mask = _batch()
 
   def loss(key):
-    with nn.intercept_methods(attention.interceptor):
+    with nn.intercept_methods(attention.interceptor_for(path)):
       return float(jnp.sum(model(ids, mask, dropout_rng=key, train=True).logits))
 
   assert loss(jax.random.PRNGKey(1)) == loss(jax.random.PRNGKey(1))
   assert loss(jax.random.PRNGKey(1)) != loss(jax.random.PRNGKey(2))
 
 
-def test_bfloat16_close_to_hugging_face():
+def test_bfloat16_close_to_hugging_face(kernel_calls):
+  """bfloat16 takes the JAX path, also where the kernel is chosen (it is float32 only)."""
   model = _tiny("Bert", dtype=jnp.bfloat16)
   ids, mask = _batch()
-  loss_hf, grads_hf = _loss_and_grads(model, ids, mask, jaxft_path=False)
-  loss, grads = _loss_and_grads(model, ids, mask, jaxft_path=True)
+  loss_hf, grads_hf = _loss_and_grads(model, ids, mask, "hf")
+  loss, grads = _loss_and_grads(model, ids, mask, "kernel")
+  assert kernel_calls == []
   np.testing.assert_allclose(loss, loss_hf, rtol=2e-2)
   for a, b in zip(jax.tree_util.tree_leaves(grads_hf), jax.tree_util.tree_leaves(grads)):
     assert b.dtype == a.dtype
@@ -99,29 +126,125 @@ def test_bfloat16_close_to_hugging_face():
                                atol=3e-2 * float(jnp.max(jnp.abs(a))) + 1e-3)
 
 
-def test_what_it_does_not_cover_falls_through(fast_path_calls):
+@pytest.mark.parametrize("path", PATHS)
+def test_what_it_does_not_cover_falls_through(path, fast_path_calls, kernel_calls):
   """Returned attention weights (and DistilBERT's own attention) take Hugging Face's code."""
   model = _tiny("Bert")
   ids, mask = _batch()
-  with nn.intercept_methods(attention.interceptor):
+  with nn.intercept_methods(attention.interceptor_for(path)):
     out = model(ids, mask, output_attentions=True)
-  assert fast_path_calls == []
+  assert fast_path_calls == [] and kernel_calls == []
   assert out.attentions[0].shape == (3, 4, 11, 11)
   np.testing.assert_allclose(out.logits, model(ids, mask).logits, rtol=1e-6)
 
   import transformers
   distil = transformers.FlaxDistilBertForSequenceClassification(
-      transformers.DistilBertConfig(vocab_size=120, dim=32, n_layers=1, n_heads=4, hidden_dim=48,
+      transformers.DistilBertConfig(vocab_size=120, dim=64, n_layers=1, n_heads=4, hidden_dim=48,
                                     max_position_embeddings=64), seed=0)
-  with nn.intercept_methods(attention.interceptor):
+  with nn.intercept_methods(attention.interceptor_for(path)):
     logits = distil(ids, mask).logits
-  assert fast_path_calls == []
+  assert fast_path_calls == [] and kernel_calls == []
   np.testing.assert_allclose(logits, distil(ids, mask).logits, rtol=1e-6)
 
 
-def test_auto_means_the_cpu():
-  assert attention.uses_jaxft("auto", "cpu")
-  assert not attention.uses_jaxft("auto", "gpu")
-  assert not attention.uses_jaxft("auto", "tpu")
-  assert attention.uses_jaxft("jaxft", "gpu")
-  assert not attention.uses_jaxft("hf", "cpu")
+def _operands(batch, length, heads, depth, bias: str, multiplier: str, seed=0):
+  """q, k, v [batch, length, heads, depth], a padding bias and a dropout-like multiplier in the
+  layouts Hugging Face's modules give: bias [batch, 1, 1, length], multiplier [1, 1 or heads,
+  length or 1, length or 1]; "none" for either gives None."""
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.standard_normal((batch, length, heads, depth), np.float32))
+             for _ in range(3))
+  b = None
+  if bias != "none":
+    keep = np.ones((batch, length), bool)
+    keep[0, length // 2 + 1:] = False  # padding
+    if bias == "a row fully masked" and batch > 1:
+      keep[1, :] = False  # Hugging Face then spreads the row evenly
+    b = jnp.where(jnp.asarray(keep)[:, None, None, :], 0.0, jnp.finfo(jnp.float32).min)
+  m = None
+  if multiplier == "shared":
+    m = jnp.asarray((rng.random((1, 1, length, length)) > 0.2) / 0.8, jnp.float32)
+  elif multiplier == "per head":
+    m = jnp.asarray((rng.random((1, heads, length, length)) > 0.2) / 0.8, jnp.float32)
+  elif multiplier == "head mask":
+    m = jnp.asarray(rng.random((1, heads, 1, 1)) > 0.3, jnp.float32)
+  return q, k, v, b, m
+
+
+@pytest.mark.parametrize("batch,length,heads,depth,bias,multiplier", [
+    (3, 11, 4, 16, "padding", "shared"),
+    (2, 1, 2, 32, "padding", "none"),
+    (2, 17, 3, 64, "a row fully masked", "per head"),
+    (1, 40, 2, 16, "none", "head mask"),
+    (4, 128, 12, 32, "padding", "shared"),
+])
+def test_kernel_matches_the_jax_path(batch, length, heads, depth, bias, multiplier):
+  """Values and all three gradients, for lengths that are and are not multiples of 16."""
+  q, k, v, b, m = _operands(batch, length, heads, depth, bias, multiplier)
+  g = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape, np.float32))
+  operands = attention._kernel_operands(q, b, m)
+  assert operands is not None
+  out_jax, vjp_jax = jax.vjp(lambda q, k, v: attention.attention(q, k, v, b, m), q, k, v)
+  out, vjp = jax.vjp(lambda q, k, v: attention.kernel_attention(q, k, v, *operands), q, k, v)
+  np.testing.assert_allclose(out, out_jax, atol=2e-6, rtol=2e-5)
+  for ours, theirs in zip(jax.jit(vjp)(g), vjp_jax(g)):
+    np.testing.assert_allclose(ours, theirs, atol=1e-5 * float(jnp.max(jnp.abs(theirs))),
+                               rtol=1e-4)
+
+
+def test_kernel_operands_where_it_does_not_apply():
+  q, k, v, b, m = _operands(2, 8, 2, 16, "padding", "shared")
+  assert attention._kernel_operands(q.astype(jnp.bfloat16), b, m) is None
+  q8 = q[..., :8]  # depth 8: not a multiple of 16
+  assert attention._kernel_operands(q8, b, m) is None
+  per_query_bias = jnp.zeros((2, 1, 8, 8))  # not a padding bias
+  assert attention._kernel_operands(q, per_query_bias, m) is None
+  per_example = jnp.ones((2, 1, 8, 8))  # a multiplier that differs per example
+  assert attention._kernel_operands(q, b, per_example) is None
+
+
+def test_kernel_under_a_symbolic_length():
+  """jaxft traces its steps once with a symbolic width (jax.export): the kernel takes it."""
+  from jax import export
+  (width,) = export.symbolic_shape("width")
+  spec = jax.ShapeDtypeStruct((2, width, 2, 16), jnp.float32)
+
+  def loss(q, k, v):
+    return jnp.sum(attention.kernel_attention(q, k, v, *attention._kernel_operands(q, None,
+                                                                                   None)) ** 2)
+
+  checks = [export.DisabledSafetyCheck.custom_call(t) for t in native.registered_targets()]
+  assert checks, "the kernel's targets are registered once it has been used"
+  exported = export.export(jax.jit(jax.value_and_grad(loss)), disabled_checks=checks)(
+      spec, spec, spec)
+  for length in (3, 20):
+    q, k, v, _, _ = _operands(2, length, 2, 16, "none", "none", seed=length)
+    value, grad = jax.jit(exported.call)(q, k, v)
+    value_ref, grad_ref = jax.value_and_grad(loss)(q, k, v)
+    np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_implementation_by_platform_and_build(monkeypatch, caplog):
+  native.attention_targets()  # buildable here (CI and this machine have a C++ compiler)
+  assert attention.implementation("auto", "cpu") == "kernel"
+  assert attention.implementation("auto", "gpu") == "hf"
+  assert attention.implementation("auto", "tpu") == "hf"
+  assert attention.implementation("jaxft", "gpu") == "jaxft"
+  assert attention.implementation("hf", "cpu") == "hf"
+  # a multi-device jit program would gather the kernel's operands: the JAX path there
+  assert attention.implementation("auto", "cpu", whole_arrays=False) == "jaxft"
+  with pytest.raises(UserError, match="model.attention=kernel runs on the CPU"):
+    attention.implementation("kernel", "gpu")
+  # no compiler: auto keeps the JAX path with one warning; an explicit kernel is an error
+  monkeypatch.setattr(native, "attention_targets", functools.partial(
+      _raise, native.BuildError("no C++ compiler found")))
+  with caplog.at_level(logging.WARNING):
+    assert attention.implementation("auto", "cpu") == "jaxft"
+  assert "no C++ compiler found" in caplog.text
+  with pytest.raises(UserError, match="cannot be built here: no C\\+\\+ compiler found"):
+    attention.implementation("kernel", "cpu")
+
+
+def _raise(error):
+  raise error
