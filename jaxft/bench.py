@@ -180,7 +180,9 @@ def make_step(kind: str, batch: int, length: int):
   if kind == "jaxft":
     step, exp, _ = jaxft_step(batch, length)
     return step, {"train_flops": train_flops(
-        exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch, length)}
+        exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch, length),
+        "attention": exp.model.attention,
+        "scratch_buffers_kept": "scratch_buffers" in os.environ.get("LD_PRELOAD", "")}
   if kind == "plain jit (HF Flax + optax)":
     return baselines.plain_flax_step(model_dir, batch, length), {}
   import torch
@@ -260,6 +262,8 @@ def fixed_shape(batch: int, length: int, rounds: int, torch: bool) -> dict:
     r["mfu"] = flops / r["step_s"] / (peak * 1e9)
   return {"batch": batch, "length": length, "matmul_peak_gflops": peak,
           "matmul_peak_gflops_all": peaks, "train_flops": flops,
+          "jaxft_attention": workers[0].infos["jaxft"]["attention"],
+          "jaxft_scratch_buffers_kept": workers[0].infos["jaxft"]["scratch_buffers_kept"],
           "steps": results}
 
 
@@ -272,7 +276,9 @@ def fixed_shape_table(r: dict) -> str:
   base = r["steps"]["jaxft"]["step_s"]
   lines = [f"Fixed shape: batch {r['batch']} x {r['length']} tokens, median of the timed steps; "
            f"measured fp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s{_readings(r)}, "
-           f"{r['train_flops'] / 1e9:.0f} GFLOP per step\n",
+           f"{r['train_flops'] / 1e9:.0f} GFLOP per step; jaxft's attention: "
+           f"{r.get('jaxft_attention')}, scratch buffers kept: "
+           f"{'yes' if r.get('jaxft_scratch_buffers_kept') else 'no'}\n",
            "| step | s/step | tokens/s | jaxft speed-up | MFU |", "|---|---|---|---|---|"]
   for name, s in r["steps"].items():
     lines.append(f"| {name} | {s['step_s']:.2f} | {s['tokens_per_s']:.0f} | "
@@ -425,6 +431,23 @@ def end_to_end_table(runs: list[dict], data: dict) -> str:
   return "\n".join(lines)
 
 
+def native_builds() -> dict:
+  """Each of jaxft's C++ libraries (jaxft.native): the seconds its build took here, 0.0 when it
+  was built already, or why it cannot be. Built before any timed run, as setup.sh does: like
+  installing, it happens once per machine, and no run here pays for it."""
+  from jaxft import native
+  builds = {}
+  for name in (native.ATTENTION, native.SCRATCH_BUFFERS):
+    start = time.perf_counter()
+    try:
+      native.build(name)
+      seconds = time.perf_counter() - start
+      builds[name] = round(seconds, 1) if seconds > 0.5 else 0.0
+    except native.BuildError as e:
+      builds[name] = f"not built: {e}"
+  return builds
+
+
 def _torch_installed() -> bool:
   import importlib.util
   return importlib.util.find_spec("torch") is not None
@@ -453,9 +476,11 @@ def run() -> None:
     if worker_flag.value:
       return serve_steps(worker_flag.value, batch_flag.value, length_flag.value)
     batch, length, steps = batch_flag.value, length_flag.value, steps_flag.value
-    out = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
+    out = {"devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+           "native": native_builds()}
     print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-          f"{os.cpu_count()} CPU cores\n", flush=True)
+          f"{os.cpu_count()} CPU cores; jaxft's C++ (built once per machine, before the runs): "
+          f"{out['native']}\n", flush=True)
     if suite_flag.value == "peft":
       out["peft"] = {name: time_method(overrides, batch, length, steps)
                      for name, overrides in METHODS}
