@@ -405,29 +405,21 @@ ffi::Future Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 JAXFT_EXPORT XLA_FFI_Error* JaxftAttentionForward(XLA_FFI_CallFrame* call_frame);
 JAXFT_EXPORT XLA_FFI_Error* JaxftAttentionBackward(XLA_FFI_CallFrame* call_frame);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxftAttentionForward, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mult
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // stats
-);
+namespace {
+using F32 = ffi::Buffer<ffi::F32>;
 
+// What both handlers take first: the intra-op thread pool, then q, k, v, bias, mult.
+auto bind_operands() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
+      .Arg<F32>();
+}
+}  // namespace
+
+// Forward: operands -> out, stats.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxftAttentionForward, Forward,
+                              bind_operands().Ret<F32>().Ret<F32>());
+
+// Backward: operands, stats, g (the output's gradient) -> dq, dk, dv.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxftAttentionBackward, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mult
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // stats
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
-);
+                              bind_operands().Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>()
+                                  .Ret<F32>());
