@@ -11,7 +11,9 @@ Where things live:
   metrics.py     task metrics and metric writers (metrics.jsonl, TensorBoard)
   experiment.py  what train and evaluate share: model, data and state for one config
   train.py evaluate.py   thin absl entry points
-  hugepages.py   why entry points restart themselves once (glibc huge pages for XLA's buffers)
+  attention.py   BERT-family self-attention: a JAX path and a C++ kernel for the CPU
+  native/        jaxft's C++ (the attention kernel, the scratch-buffer cache), built on use
+  hugepages.py   why entry points restart themselves once (huge pages, scratch buffers kept)
 """
 
 import sys as _sys
