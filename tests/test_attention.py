@@ -192,6 +192,13 @@ def test_kernel_matches_the_jax_path(batch, length, heads, depth, bias, multipli
                                rtol=1e-4)
 
 
+def test_kernel_takes_an_empty_batch():
+  q = jnp.zeros((0, 5, 2, 16))
+  operands = attention._kernel_operands(q, None, None)
+  out, vjp = jax.vjp(lambda q, k, v: attention.kernel_attention(q, k, v, *operands), q, q, q)
+  assert out.shape == q.shape and all(g.shape == q.shape for g in vjp(out))
+
+
 def test_kernel_operands_where_it_does_not_apply():
   q, k, v, b, m = _operands(2, 8, 2, 16, "padding", "shared")
   assert attention._kernel_operands(q.astype(jnp.bfloat16), b, m) is None

@@ -321,6 +321,12 @@ ffi::Future launch(ffi::ThreadPool& pool, int64_t n, Body body) {
     const int64_t n;
     const Body body;
   };
+  if (n == 0) {  // an empty batch
+    ffi::Promise ready;
+    ffi::Future future(ready);
+    ready.SetAvailable();
+    return future;
+  }
   auto state = std::make_shared<State>(n, std::move(body));
   const int64_t workers = std::clamp<int64_t>(pool.num_threads(), 1, n);
   ffi::CountDownPromise done(workers);
@@ -346,10 +352,13 @@ ffi::ErrorOr<Problem> problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k
                               ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& bias,
                               ffi::Buffer<ffi::F32>& mult) {
   const auto d = q.dimensions();
-  if (d.size() != 4 || d[3] % W != 0 || k.dimensions().size() != 4 ||
-      v.dimensions().size() != 4)
-    return ffi::Unexpected(ffi::Error::InvalidArgument("jaxft attention: q, k, v must be [batch, length, "
-                                       "heads, depth] with depth a multiple of 16"));
+  const auto same = [&](ffi::Span<const int64_t> x) {
+    return x.size() == 4 && std::equal(x.begin(), x.end(), d.begin());
+  };
+  if (d.size() != 4 || d[3] % W != 0 || !same(k.dimensions()) || !same(v.dimensions()))
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "jaxft attention: q, k, v must be [batch, length, heads, depth] alike, with depth a "
+        "multiple of 16"));
   Problem pr;
   pr.shape = {d[0], d[1], d[2], d[3], (d[1] + W - 1) / W * W};
   const Shape& s = pr.shape;
