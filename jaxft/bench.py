@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxft import baselines, experiment, hugepages, models, runtime
+from jaxft import baselines, experiment, hugepages, models, native, runtime
 from jaxft.checkpoint import Checkpoints
 from jaxft.config import base_config
 from jaxft.data.encode import Encoded
@@ -182,7 +182,7 @@ def make_step(kind: str, batch: int, length: int):
     return step, {"train_flops": train_flops(
         exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch, length),
         "attention": exp.model.attention,
-        "scratch_buffers_kept": "scratch_buffers" in os.environ.get("LD_PRELOAD", "")}
+        "scratch_buffers_kept": native.scratch_buffers_preloaded(os.environ)}
   if kind == "plain jit (HF Flax + optax)":
     return baselines.plain_flax_step(model_dir, batch, length), {}
   import torch
@@ -435,7 +435,6 @@ def native_builds() -> dict:
   """Each of jaxft's C++ libraries (jaxft.native): the seconds its build took here, 0.0 when it
   was built already, or why it cannot be. Built before any timed run, as setup.sh does: like
   installing, it happens once per machine, and no run here pays for it."""
-  from jaxft import native
   builds = {}
   for name in (native.ATTENTION, native.SCRATCH_BUFFERS):
     start = time.perf_counter()

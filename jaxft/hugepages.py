@@ -32,6 +32,8 @@ import os
 import sys
 from typing import Mapping, Optional, Sequence
 
+from jaxft import native  # standard library only: no JAX before the restart
+
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "JAXFT_HUGEPAGES"  # "0": no restart, no tunable, no preload
 _BEFORE = "JAXFT_GLIBC_TUNABLES_BEFORE"  # the user's own GLIBC_TUNABLES, for baseline_env
@@ -85,18 +87,15 @@ def preload_with_scratch_buffers(env: Mapping[str, str], glibc: Optional[tuple[i
   """The LD_PRELOAD value to restart with (`library` added), or None when a restart would
   change nothing: opted out, not glibc (the library calls glibc's own allocator), no library,
   or it is preloaded already."""
-  if env.get(OPT_OUT) == "0" or glibc is None or library is None:
+  if (env.get(OPT_OUT) == "0" or glibc is None or library is None
+      or native.scratch_buffers_preloaded(env)):
     return None
-  existing = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-  if any(os.path.basename(p).startswith("scratch_buffers") for p in existing):
-    return None
-  return ":".join(existing + [library])
+  return ":".join([p for p in env.get("LD_PRELOAD", "").split(":") if p] + [library])
 
 
 def scratch_buffer_library() -> Optional[str]:
   """The preload library (jaxft/native/scratch_buffers.cc) built for this machine, or None
   where it cannot be built (`python -m jaxft.hugepages` says why)."""
-  from jaxft import native  # light: no JAX
   try:
     return native.build(native.SCRATCH_BUFFERS)
   except native.BuildError:
@@ -112,7 +111,7 @@ def restart_entry_point_with_hugepages() -> None:
   glibc = glibc_version()
   tunables = tunables_with_hugepages(os.environ, thp_mode(), glibc)
   preload = None
-  if glibc is not None and "scratch_buffers" not in os.environ.get("LD_PRELOAD", ""):
+  if glibc is not None and not native.scratch_buffers_preloaded(os.environ):  # else no build
     preload = preload_with_scratch_buffers(os.environ, glibc, scratch_buffer_library())
   if tunables is None and preload is None:
     return
@@ -177,7 +176,6 @@ def main() -> None:
   """`python -m jaxft.hugepages`: one JSON line saying what this machine does (an entry point,
   so it has restarted itself with the tunable and the library where they help)."""
   import json
-  from jaxft import native
   try:
     library = native.build(native.SCRATCH_BUFFERS)
   except native.BuildError as e:

@@ -127,11 +127,24 @@ def build(name: str) -> str:
   raise BuildError(f"{cxx} failed to compile {source}: {errors[-1]}")
 
 
+def _preload_list(env) -> list[str]:
+  return [p for p in env.get("LD_PRELOAD", "").split(":") if p]
+
+
+def _is_scratch_buffers(path: str) -> bool:
+  """Whether `path` is a build of the scratch-buffer library (any key: see _library_path)."""
+  return os.path.basename(path).startswith(SCRATCH_BUFFERS + "-")
+
+
+def scratch_buffers_preloaded(env) -> bool:
+  """Whether `env`'s LD_PRELOAD holds the scratch-buffer library."""
+  return any(_is_scratch_buffers(p) for p in _preload_list(env))
+
+
 def _without_our_preload(env) -> dict:
   """`env` without jaxft's preload library: a compiler needs none of it."""
   out = dict(env)
-  kept = [p for p in out.get("LD_PRELOAD", "").split(":")
-          if p and not os.path.basename(p).startswith(SCRATCH_BUFFERS)]
+  kept = [p for p in _preload_list(out) if not _is_scratch_buffers(p)]
   if kept:
     out["LD_PRELOAD"] = ":".join(kept)
   else:
