@@ -1,27 +1,27 @@
 """jaxft: fine-tune pretrained transformer encoders with JAX.
 
 Where things live:
-  config.py      every config key, its default and its checks
+  config.py      every config key, its default and its checks; the resolved config
+  rules.py       first-match regex rules over parameter paths (PEFT, sharding, decay, lr)
   data/          reading files, labels, tokenization, deterministic bucketed batches
+  tasks.py       what differs per task: loss, eval outputs
   models.py      loading Hugging Face Flax models and tokenizers, heads, parameter counts
+  attention.py   BERT-family self-attention (the JAX path; the CPU kernel is in cpu/)
+  peft.py        the trainable/frozen split of the parameters, LoRA
   optim.py       the optax chain: schedule, AdamW, weight-decay mask, clipping
   step.py        the pure train_step / eval_step
-  parallel.py    device mesh, shardings, putting host batches on devices
+  compiled.py    the compiled steps: jit/pmap, shardings, per-width programs, program cache
+  parallel.py    device mesh, shardings, putting host batches on devices, multi-host
   checkpoint.py  orbax checkpoints: save, best/latest, restore onto any mesh
+  inference.py   restoring for evaluation, loading exports, the predictor
   metrics.py     task metrics and metric writers (metrics.jsonl, TensorBoard)
-  experiment.py  what train and evaluate share: model, data and state for one config
-  train.py evaluate.py   thin absl entry points
-  attention.py   BERT-family self-attention: a JAX path and a C++ kernel for the CPU
-  native/        jaxft's C++ (the attention kernel, the scratch-buffer cache), built on use
-  hugepages.py   why entry points restart themselves once (huge pages, scratch buffers kept)
+  experiment.py  what train and inference share: model, data and state for one config
+  runtime.py     process start-up, private caches, JAX settings, flag parsing
+  train.py evaluate.py predict.py export.py report.py   thin absl entry points
+  cpu/           CPU-only tuning (huge pages, scratch-buffer cache, C++ attention kernel),
+                 used on CPU hosts only; JAXFT_CPU_TUNING=0 turns it off
+
+Importing jaxft has no side effects.
 """
-
-import sys as _sys
-
-# Entry points only, before any heavy import. `python -m jaxft.hugepages` restarts itself in its
-# own __main__ (imported here first, runpy would warn about running a module already loaded).
-if "jaxft.hugepages" not in getattr(_sys, "orig_argv", ()):
-  from jaxft import hugepages as _hugepages
-  _hugepages.restart_entry_point_with_hugepages()
 
 __version__ = "0.1.0"

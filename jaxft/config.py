@@ -1,30 +1,88 @@
-"""Every config key jaxft knows, its default, and the checks run before any work starts.
+"""Every config key jaxft knows, its default, the values it accepts, and the checks run before
+any work starts.
 
 Config files in `configs/` start from `base_config()` and change what they need. The returned
 ConfigDict is locked: a misspelt key (in a file or in a `--config.<key>=` override) is an error,
-and ml_collections' type safety rejects a value of the wrong type.
+and ml_collections' type safety rejects a value of the wrong type. What a run derives from its
+data (label names, bucket lengths, the selection metric) is filled in by `replace`, which returns
+a new config: a config is never changed after it is built.
+
+This module imports no JAX: entry points and tools read configs before JAX loads.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
 from jaxft.errors import fail
-from jaxft import attention, hash_rng, peft, tasks
-from jaxft.parallel import DEFAULT_PARAM_RULES, check_rules
 
-LR_SCHEDULES = ("linear", "cosine", "constant")
+# ---- the values keys accept ----------------------------------------------------------------
+TASK_KINDS = ("classification", "regression", "multilabel", "token_classification", "mlm")
+SEQUENCE_KINDS = ("classification", "regression", "multilabel")  # one prediction per example
+# The metrics each task reports (all numbers; "loss" everywhere), and the default
+# model-selection metric with its direction.
+TASK_METRICS = {
+    "classification": ("accuracy", "macro_f1", "mcc", "binary_f1", "loss"),
+    "regression": ("pearson", "spearman", "mse", "loss"),
+    "multilabel": ("micro_f1", "macro_f1", "exact_match", "loss"),
+    "token_classification": ("precision", "recall", "f1", "token_accuracy", "loss"),
+    "mlm": ("perplexity", "loss", "accuracy"),
+}
+DEFAULT_SELECTION = {
+    "classification": ("accuracy", "max"),
+    "regression": ("pearson", "max"),
+    "multilabel": ("micro_f1", "max"),
+    "token_classification": ("f1", "max"),
+    "mlm": ("perplexity", "min"),
+}
 POOLINGS = ("default", "mean")
+ATTENTIONS = ("auto", "kernel", "jaxft", "hf")  # jaxft.attention.implementation
 DATA_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "text", "dataset")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+DROPOUT_RNGS = ("hash", "threefry")  # jaxft.hash_rng
+PEFT_METHODS = ("none", "lora", "bitfit", "freeze")
 PARALLEL_MODES = ("jit", "pmap")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 MESH_AXES = ("data", "fsdp", "tensor")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# Task heads of the supported families: sequence/token classification (classifier,
+# DistilBERT's pre_classifier), BERT's MLM head (cls), RoBERTa's (lm_head), DistilBERT's (vocab_*).
+DEFAULT_HEAD_PATTERN = (r"(classifier|pre_classifier|cls|lm_head|vocab_transform|"
+                        r"vocab_layer_norm|vocab_projector)/.*")
+DEFAULT_LORA_TARGETS = r".*attention/self/(query|value)/kernel"
+LORA_ALL_LINEAR = "all-linear"
+
+# parallel.param_rules: (regex over parameter paths, one mesh axis or None per dimension); a
+# dimension that the axis size does not divide stays whole. Optimizer moments follow their
+# parameter (jaxft.parallel).
+DEFAULT_PARAM_RULES = (
+    # [vocab, hidden]: split the hidden dimension (vocabulary sizes are rarely divisible).
+    (r".*embeddings/\w+/embedding", (None, "fsdp")),
+    # Attention: [hidden, heads * head_dim] -> heads over "tensor"; output projection the reverse.
+    (r".*attention/self/(query|key|value)/kernel", ("fsdp", "tensor")),
+    (r".*attention/self/(query|key|value)/bias", ("tensor",)),
+    (r".*attention/output/dense/kernel", ("tensor", "fsdp")),
+    # MLP: [hidden, mlp] -> mlp over "tensor"; [mlp, hidden] back.
+    (r".*intermediate/dense/kernel", ("fsdp", "tensor")),
+    (r".*intermediate/dense/bias", ("tensor",)),
+    (r".*output/dense/kernel", ("tensor", "fsdp")),
+    # DistilBERT names.
+    (r".*attention/(q_lin|k_lin|v_lin)/kernel", ("fsdp", "tensor")),
+    (r".*attention/(q_lin|k_lin|v_lin)/bias", ("tensor",)),
+    (r".*attention/out_lin/kernel", ("tensor", "fsdp")),
+    (r".*ffn/lin1/kernel", ("fsdp", "tensor")),
+    (r".*ffn/lin1/bias", ("tensor",)),
+    (r".*ffn/lin2/kernel", ("tensor", "fsdp")),
+    (r".*pooler/dense/kernel", ("fsdp", None)),
+    # Everything else (LayerNorm, other biases, the task head): replicated.
+    (r".*", ()),
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -49,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pooling = "default"
   c.model.trust_remote_code = False
   # Self-attention of BERT-family models (jaxft.attention), all with Hugging Face's values:
-  # "kernel" (a fused C++ kernel for the CPU, built on first use: jaxft.native), "jaxft" (JAX
+  # "kernel" (a fused C++ kernel for the CPU, in jaxft/cpu/, built on first use), "jaxft" (JAX
   # with a backward pass in the form XLA's CPU backend runs fast), "hf" (Hugging Face's code as
   # is), or "auto": the kernel on the CPU where it builds (else jaxft), Hugging Face's on GPU/TPU.
   c.model.attention = "auto"
@@ -106,8 +164,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   c.train.compute_dtype = "float32"
-  # Dropout masks: "hash" (a counter hash fused into the dropout multiply; threefry's bits cost
-  # ~25% of a CPU train step) or "threefry" (JAX's default generator). See jaxft/hash_rng.py.
+  # Dropout masks: "hash" (a counter hash fused into the dropout multiply, never materialised)
+  # or "threefry" (JAX's default generator, whose bits are costly on CPUs). See jaxft/hash_rng.py.
   c.train.dropout_rng = "hash"
   # A step whose loss or gradient is not finite changes nothing; then "stop" ends training with
   # an error naming the step (checkpoints keep the last good state), "skip" goes on.
@@ -123,18 +181,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.layer_lr_decay = 1.0
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = "none"  # none | lora | bitfit | freeze
+  c.peft.method = "none"  # none | lora | bitfit | freeze (PEFT_METHODS)
   # First-match (regex over parameter paths, trainable?) rules, checked before the method's own.
   c.peft.trainable_rules = ()
   c.peft.train_head = True
-  c.peft.head_pattern = peft.DEFAULT_HEAD_PATTERN
+  c.peft.head_pattern = DEFAULT_HEAD_PATTERN
   c.peft.lora = ml_collections.ConfigDict()
   c.peft.lora.rank = 8
   c.peft.lora.alpha = 16.0
   c.peft.lora.dropout = 0.0
   c.peft.lora.use_rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
   # Regex over kernel paths, or "all-linear" (every Dense kernel but the head).
-  c.peft.lora.targets = peft.DEFAULT_LORA_TARGETS
+  c.peft.lora.targets = DEFAULT_LORA_TARGETS
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 0  # steps between saves; 0 = at every evaluation (and at the end)
@@ -175,15 +233,22 @@ def _non_negative(name: str, value: Any) -> None:
   _check(value >= 0, f"config {name}={value!r} must be >= 0")
 
 
+def _check_regex(key: str, pattern: str) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    fail(f"config {key} pattern {pattern!r} is not a valid regex: {e}")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks values whose problems would otherwise surface late or obscurely."""
   kind = c.task.kind
-  _one_of("task.kind", kind, tasks.KINDS)
+  _one_of("task.kind", kind, TASK_KINDS)
   _check(0.0 < c.task.threshold < 1.0, "config task.threshold must be in (0, 1)")
   _check(0.0 < c.task.mlm_probability < 1.0, "config task.mlm_probability must be in (0, 1)")
   _one_of("model.pooling", c.model.pooling, POOLINGS)
-  _one_of("model.attention", c.model.attention, attention.ATTENTIONS)
-  _check(c.model.pooling == "default" or kind in tasks.SEQUENCE_KINDS,
+  _one_of("model.attention", c.model.attention, ATTENTIONS)
+  _check(c.model.pooling == "default" or kind in SEQUENCE_KINDS,
          f"config model.pooling={c.model.pooling} pools a sentence into one vector; "
          f"task.kind={kind} predicts per token: use model.pooling=default")
   _check(bool(c.model.name_or_path), "config model.name_or_path is empty; "
@@ -230,9 +295,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _non_negative("train.early_stopping_patience", t.early_stopping_patience)
   _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
-  _one_of("train.dropout_rng", t.dropout_rng, hash_rng.DROPOUT_RNGS)
+  _one_of("train.dropout_rng", t.dropout_rng, DROPOUT_RNGS)
 
-  _one_of("peft.method", c.peft.method, peft.METHODS)
+  _one_of("peft.method", c.peft.method, PEFT_METHODS)
   _positive("peft.lora.rank", c.peft.lora.rank)
   _positive("peft.lora.alpha", c.peft.lora.alpha)
   _check(0.0 <= c.peft.lora.dropout < 1.0, "config peft.lora.dropout must be in [0, 1)")
@@ -241,10 +306,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for rule in c[section][name]:
       _check(len(rule) == 2 and isinstance(rule[0], str),
              f"config {key} entry {rule!r} must be a (regex, value) pair")
-      try:
-        re.compile(rule[0])
-      except re.error as e:
-        fail(f"config {key} pattern {rule[0]!r} is not a valid regex: {e}")
+      _check_regex(key, rule[0])
   _check(0.0 < c.optimizer.layer_lr_decay <= 1.0, "config optimizer.layer_lr_decay must be in (0, 1]")
 
   k = c.checkpoint
@@ -254,7 +316,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   if k.best_mode is not None:
     _one_of("checkpoint.best_mode", k.best_mode, ("max", "min"))
   if k.best_metric is not None:
-    _one_of("checkpoint.best_metric", k.best_metric, tasks.METRICS[kind])
+    _one_of("checkpoint.best_metric", k.best_metric, TASK_METRICS[kind])
 
   _one_of("parallel.mode", c.parallel.mode, PARALLEL_MODES)
   for axis, size in c.parallel.mesh.items():
@@ -267,7 +329,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "config parallel.mode=pmap is plain data parallelism: set parallel.mesh.fsdp and "
            "parallel.mesh.tensor to 1 (or use parallel.mode=jit)")
   _one_of("parallel.distributed", c.parallel.distributed, DISTRIBUTED_MODES)
-  check_rules(c.parallel.param_rules)
+  for rule in c.parallel.param_rules:
+    _check(len(rule) == 2 and isinstance(rule[0], str),
+           f"config parallel.param_rules entry {rule!r} must be a (regex, axes) pair")
+    _check_regex("parallel.param_rules", rule[0])
+    for axis in rule[1]:
+      _check(axis is None or axis in MESH_AXES,
+             f"config parallel.param_rules pattern {rule[0]!r} names axis {axis!r}; use one of "
+             f"{list(MESH_AXES)} or None")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -281,12 +350,36 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def resolve_task_defaults(c: ml_collections.ConfigDict) -> None:
-  """Fills the keys whose default depends on the task (the selection metric and direction), so
-  that config.json records what the run used."""
-  metric, mode = tasks.selection(c.task.kind, c.checkpoint.best_metric, c.checkpoint.best_mode)
-  with c.unlocked():
-    c.checkpoint.best_metric, c.checkpoint.best_mode = metric, mode
+def selection(kind: str, metric, mode) -> tuple[str, str]:
+  """The model-selection metric and direction: the configured ones, else the task's default."""
+  default_metric, default_mode = DEFAULT_SELECTION[kind]
+  if metric is None:
+    return default_metric, mode or default_mode
+  if mode is None:
+    mode = "min" if metric in ("loss", "mse", "perplexity") else "max"
+  return metric, mode
+
+
+def replace(c: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A locked copy of `c` with {dotted key: value} set (dicts become ConfigDicts); `c` is not
+  changed."""
+  out = c.copy_and_resolve_references()
+  with out.unlocked():
+    for dotted, value in values.items():
+      *sections, name = dotted.split(".")
+      target = out
+      for section in sections:
+        target = target[section]
+      target[name] = ml_collections.ConfigDict(value) if isinstance(value, Mapping) else value
+  out.lock()
+  return out
+
+
+def with_task_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`c` with the keys whose default depends on the task (the selection metric and
+  direction) filled in, so that config.json records what the run used."""
+  metric, mode = selection(c.task.kind, c.checkpoint.best_metric, c.checkpoint.best_mode)
+  return replace(c, {"checkpoint.best_metric": metric, "checkpoint.best_mode": mode})
 
 
 def to_json(c: ml_collections.ConfigDict) -> str:

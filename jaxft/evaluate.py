@@ -6,91 +6,31 @@ metrics and writes DIR/eval/<split>-step<N>.json as {"step": N, "split": ..., "m
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m jaxft.evaluate`: start-up comes before JAX loads
+  from jaxft import runtime
+  runtime.start_process()
+
 import json
 import os
 import sys
-
 from typing import Optional
 
 import jax
-import ml_collections
 from absl import flags
 
-from jaxft import config as config_lib, experiment, models, parallel, runtime
-from jaxft.checkpoint import Checkpoints
+from jaxft import inference, metrics as metrics_lib, parallel, runtime
+from jaxft.errors import fail
 from jaxft.metrics import scalars
-from jaxft.errors import UserError, fail
-
-def load_run_config(workdir: str):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    fail(f"{workdir} has no config.json; is it a jaxft workdir? (train with jaxft.train first)")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
-
-
-def _eval_mesh(config, mesh: Optional[dict], num_devices: int) -> dict:
-  """The mesh to evaluate on: the one asked for; else the run's own if it fits these devices;
-  else all devices data-parallel (a checkpoint restores onto any mesh)."""
-  if mesh:
-    return {**{"data": 1, "fsdp": 1, "tensor": 1}, **mesh}
-  saved = dict(config.parallel.mesh)
-  try:
-    parallel.mesh_shape(saved, num_devices)  # the one place that knows what fits
-    return saved
-  except UserError:
-    return {"data": -1, "fsdp": 1, "tensor": 1}
-
-
-def restore_for_eval(workdir: str, which: str, devices=None, mesh: Optional[dict] = None):
-  """(experiment, step, params) for the chosen checkpoint of `workdir`, on this process's mesh."""
-  config = load_run_config(workdir)
-  parallel.initialize_distributed(config.parallel.distributed)
-  devices = jax.devices() if devices is None else devices
-  with config.unlocked():
-    config.parallel.mode = "jit"  # evaluation always runs the jitted, sharded eval step
-    config.parallel.mesh = ml_collections.ConfigDict(_eval_mesh(config, mesh, len(devices)))
-  exp = experiment.build(config, read_train=False, devices=devices)
-  ckpts = Checkpoints(workdir, config.checkpoint, read_only=True)
-  step = ckpts.resolve(which)
-  tx, _ = exp.optimizer(1)  # only the parameters' shapes and shardings are used
-  params, meta = ckpts.restore_params(step, exp.abstract_state(tx)["params"])
-  fingerprint = models.fingerprint(exp.model_dir)
-  if meta["base_model"]["fingerprint"] != fingerprint:
-    fail(f"checkpoint step {step} was trained from a different base model than "
-         f"{exp.model_dir} (fingerprint {meta['base_model']['fingerprint']} vs {fingerprint})")
-  return exp, step, params
-
-
-def load_exported(folder: str):
-  """(experiment, params) for a folder written by `jaxft.export --format=hf`: its weights are
-  the whole model (LoRA merged, head included), so nothing is restored from a checkpoint."""
-  from jaxft.export import EXPORT_CONFIG_FILE
-  path = os.path.join(folder, EXPORT_CONFIG_FILE)
-  if not os.path.exists(path):
-    fail(f"{folder} is not a model exported by jaxft (no {EXPORT_CONFIG_FILE}); export one with "
-         "`python -m jaxft.export --format=hf`, or pass --workdir")
-  with open(path) as f:
-    config = config_lib.from_json(f.read())
-  with config.unlocked():
-    config.model.name_or_path = os.path.abspath(folder)
-    config.peft.method = "none"  # merged weights: every parameter is simply loaded
-    config.parallel.mode = "jit"
-    config.parallel.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-  exp = experiment.build(config, read_train=False)
-  tx, _ = exp.optimizer(1)
-  shardings = jax.tree_util.tree_map(lambda a: a.sharding, exp.abstract_state(tx)["params"])
-  return exp, jax.device_put(exp.trainable_init, shardings)
 
 
 def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validation",
                         devices=None, mesh: Optional[dict] = None) -> dict:
   runtime.configure_jax()
-  exp, step, params = restore_for_eval(workdir, which, devices, mesh)
+  exp, step, params = inference.restore(workdir, which, devices, mesh)
   data = exp.load_split(split)
-  eval_step = exp.jit_eval_step(exp.program_cache_key("eval"))
-  outputs = exp.predict_outputs(eval_step, params, data)
-  result = experiment.task_metrics(exp.task, outputs, data)
+  predictor = inference.Predictor(exp)
+  outputs = predictor.outputs(params, data)
+  result = metrics_lib.task_metrics(exp.task, outputs, data)
   examples = len(data.words.words) if data.words is not None else len(data)  # NER: sentences
   record = {"step": step, "split": split, "checkpoint": which, "metrics": result,
             "label_names": list(exp.label_names), "examples": examples}
@@ -113,9 +53,8 @@ def _write_evaluation(workdir: str, record: dict, exp, outputs: dict, data) -> N
     with open(out, "w") as f:
       json.dump(record, f, indent=2)
     if exp.task.kind != "mlm":  # per-example predictions, for error analysis
-      from jaxft.predict import prediction_records, write_records
-      write_records(prediction_records(exp.task, outputs, data),
-                    out.replace(".json", "-predictions.jsonl"), exp.task.kind)
+      inference.write_records(inference.prediction_records(exp.task, outputs, data),
+                              out.replace(".json", "-predictions.jsonl"), exp.task.kind)
   except OSError as e:
     print(f"jaxft: warning: cannot write {out} ({e.strerror}); the metrics above are not "
           "saved", file=sys.stderr)

@@ -22,11 +22,10 @@ import numpy as np
 from absl import flags
 from flax import serialization, traverse_util
 
-from jaxft import config as config_lib, models, peft, runtime
+from jaxft import config as config_lib, inference, models, peft, runtime
 from jaxft.errors import fail
 
 FORMATS = ("hf", "peft")
-EXPORT_CONFIG_FILE = "jaxft_config.json"
 _PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS",
                     "multilabel": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
 
@@ -79,7 +78,7 @@ def export_hf(exp, params: dict, output: str) -> None:
   exp.model.hf_config.save_pretrained(output)
   exp.tokenizer.save_pretrained(output)
   # The run's config, so that jaxft.predict --model=OUT knows the task, head and text fields.
-  with open(os.path.join(output, EXPORT_CONFIG_FILE), "w") as f:
+  with open(os.path.join(output, inference.EXPORT_CONFIG_FILE), "w") as f:
     f.write(config_lib.to_json(exp.config))
 
 
@@ -120,11 +119,10 @@ def export_peft(exp, params: dict, output: str, base_name: Optional[str]) -> Non
 
 
 def export(workdir: str, output: str, fmt: str, which: str = "best") -> int:
-  from jaxft import evaluate
   if fmt not in FORMATS:
     fail(f"--format={fmt!r} is not one of {list(FORMATS)}")
   runtime.configure_jax()
-  exp, step, params = evaluate.restore_for_eval(workdir, which)
+  exp, step, params = inference.restore(workdir, which)
   if os.path.exists(output) and os.listdir(output):
     fail(f"--output={output} exists and is not empty; choose a new folder")
   os.makedirs(output, exist_ok=True)

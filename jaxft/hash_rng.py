@@ -1,12 +1,11 @@
 """A counter-based hash PRNG for dropout masks: cheap on every backend, and it fuses.
 
-Why: on XLA's CPU backend, JAX's threefry (and RBG) random bits cost about 28 ns per number
-(measured on this project's 2-core machine: 13 dropout masks of 32 x 128 x 384, 0.37 s). A
-MiniLM train step at 32 x 128 draws ~20 million of them, and dropout made the step ~25% slower
-than the same step without dropout. Here every random word is a pure function of (key, element
-index): an integer hash (MurmurHash3's 32-bit finaliser, twice, with the key mixed in) of an
-iota, a handful of integer ops that XLA fuses into the dropout multiply, so the masks cost almost
-nothing and are never materialised.
+Why: JAX's threefry (and RBG) random bits are costly on XLA's CPU backend, and a train step
+draws tens of millions of them for its dropout masks (benchmarks/README.md has the numbers).
+Here every random word is a pure function of (key, element index): an integer hash
+(MurmurHash3's 32-bit finaliser, twice, with the key mixed in) of an iota, a handful of integer
+ops that XLA fuses into the dropout multiply, so the masks cost almost nothing and are never
+materialised.
 
 Dropout needs independent, unbiased bits, not cryptographic ones; the tests check the keep rate,
 neighbour correlation and key sensitivity. Splitting and folding keys reuse threefry on the tiny
@@ -20,8 +19,6 @@ import jax
 import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
-
-DROPOUT_RNGS = ("hash", "threefry")
 
 _GOLDEN = np.uint32(0x9E3779B1)
 

@@ -1,4 +1,5 @@
-"""Task metrics (scikit-learn's definitions) and the writers: metrics.jsonl and TensorBoard."""
+"""Task metrics (scikit-learn's definitions), from a model's outputs over a dataset, and the
+writers: metrics.jsonl and TensorBoard."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray,
                            num_labels: int) -> dict:
   """accuracy, macro_f1, mcc; binary_f1 (F1 of class 1) for two-class tasks; and the confusion
   matrix (rows gold, columns predicted). scikit-learn's definitions (zero_division=0), computed
-  from the confusion matrix here: importing sklearn.metrics costs 1-2 s of every evaluation
-  process, more than evaluating SST-2's dev set on a GPU."""
+  from the confusion matrix here: importing sklearn.metrics takes longer than evaluating
+  SST-2's dev set on a GPU."""
   confusion = np.zeros((num_labels, num_labels), np.int64)
   np.add.at(confusion, (np.asarray(labels, np.int64), np.asarray(predictions, np.int64)), 1)
   f1 = _f1_per_class(confusion)
@@ -92,6 +93,56 @@ def entity_metrics(gold: list[list[str]], predicted: list[list[str]]) -> dict:
   }
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+  return 1.0 / (1.0 + np.exp(-x))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+  m = x.max(-1, keepdims=True)
+  return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+
+def task_metrics(task, outputs: dict, data) -> dict:
+  """The task's metrics (jaxft.config.TASK_METRICS) from the per-example eval outputs of a
+  jaxft.tasks.Task and the gold labels in `data` (jaxft.data.encode.Encoded)."""
+  if task.kind == "mlm":
+    count = float(np.sum(outputs["count"]))
+    loss = float(np.sum(outputs["nll"])) / max(count, 1.0)
+    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
+            "accuracy": float(np.sum(outputs["correct"])) / max(count, 1.0)}
+  if task.kind == "token_classification":
+    return token_metrics(task, outputs["logits"], data)
+  logits = np.stack(outputs["logits"])
+  predictions = task.predictions(logits)
+  if task.kind == "regression":
+    result = regression_metrics(data.labels, predictions)
+    result["loss"] = result["mse"]
+  elif task.kind == "multilabel":
+    result = multilabel_metrics(data.labels.astype(np.int32), predictions)
+    p = np.clip(sigmoid(logits), 1e-7, 1 - 1e-7)
+    result["loss"] = float(-np.mean(data.labels * np.log(p) + (1 - data.labels) * np.log(1 - p)))
+  else:
+    result = classification_metrics(data.labels, predictions, len(task.label_names))
+    log_probs = log_softmax(logits)
+    result["loss"] = float(-log_probs[np.arange(len(data)), data.labels].mean())
+  return result
+
+
+def token_metrics(task, window_logits: list, data) -> dict:
+  """Entity scores over every word of every sentence (windows mapped back to words), and the
+  token loss over scored positions."""
+  log_probs = [log_softmax(x) for x in window_logits]
+  nll = sum(-float(np.sum(lp[np.arange(len(lp)), y[:len(lp)]] * w[:len(lp)]))
+            for lp, y, w in zip(log_probs, data.labels, data.label_weights))
+  scored = sum(float(np.sum(w)) for w in data.label_weights)
+  predicted_ids = data.words.sentence_predictions([x.argmax(-1) for x in window_logits])
+  names = task.label_names
+  predicted = [[names[i] for i in sentence] for sentence in predicted_ids]
+  result = entity_metrics(data.words.tags, predicted)
+  result["loss"] = nll / max(scored, 1.0)
+  return result
+
+
 def scalars(values: dict) -> dict:
   """The plain-number entries of a metrics dict (what TensorBoard and checkpoints record)."""
   return {k: v for k, v in values.items()
@@ -138,7 +189,7 @@ def _summary_writer_class():
   """tensorboardX's SummaryWriter, imported without PyTorch.
 
   tensorboardX imports torch at import time whenever it is installed (to accept torch tensors,
-  which jaxft never passes): 1.3-2.7 s of every run's start on the 2-core CPU. Where torch is
+  which jaxft never passes), seconds of every run's start. Where torch is
   not loaded yet, the import sees it as absent; torch stays importable afterwards.
   """
   if "tensorboardX" in sys.modules or "torch" in sys.modules:

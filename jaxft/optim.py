@@ -2,8 +2,7 @@
 
 AdamW is spelled out (scale_by_adam, decoupled weight decay, learning rate) so that both the
 weight decay and the learning rate can differ per parameter. Which parameters get what is decided
-by first-match (regex, value) rules over parameter paths such as
-"bert/encoder/layer/0/attention/self/query/kernel":
+by first-match (regex, value) rules over parameter paths (jaxft.rules):
 - weight decay: never on biases and LayerNorm (BERT's recipe), times `optimizer.weight_decay_rules`;
 - learning rate: times `optimizer.lr_rules`, times layer-wise decay (`optimizer.layer_lr_decay`).
 """
@@ -15,7 +14,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import optax
-from flax import traverse_util
+
+from jaxft import rules as rules_lib
 
 NO_DECAY_RULES = (
     (r".*bias$", 0.0),
@@ -25,31 +25,17 @@ _LAYER = re.compile(r"(?:^|/)(?:layer|layers|h|block)/(\d+)/")
 _EMBEDDINGS = re.compile(r"(?:^|/)embeddings/")
 
 
-def param_path(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
-
-
-def first_match(path: str, rules: Sequence[tuple[str, Any]], default: Any = None) -> Any:
-  for pattern, value in rules:
-    if re.fullmatch(pattern, path):
-      return value
-  return default
-
-
-def _per_leaf(params, fn):
-  flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: fn(param_path(k)) for k in flat})
-
-
 def weight_decay_mask(params) -> Any:
   """A tree of bools like `params`: True where weight decay applies."""
-  return _per_leaf(params, lambda p: first_match(p, NO_DECAY_RULES, 1.0) != 0.0)
+  return rules_lib.map_paths(
+      lambda p, _: rules_lib.first_match(p, NO_DECAY_RULES, 1.0) != 0.0, params)
 
 
 def weight_decay_rates(params, weight_decay: float, rules: Sequence = ()) -> Any:
   """Per-parameter decoupled decay rates: 0 for biases and LayerNorm, else rate x rule."""
-  return _per_leaf(params, lambda p: weight_decay * first_match(p, NO_DECAY_RULES, 1.0)
-                   * first_match(p, tuple(rules), 1.0))
+  return rules_lib.map_paths(
+      lambda p, _: weight_decay * rules_lib.first_match(p, NO_DECAY_RULES, 1.0)
+      * rules_lib.first_match(p, rules, 1.0), params)
 
 
 def layer_decay_factor(path: str, factor: float, num_layers: int) -> float:
@@ -65,8 +51,8 @@ def layer_decay_factor(path: str, factor: float, num_layers: int) -> float:
 
 def lr_multipliers(params, rules: Sequence = (), layer_decay: float = 1.0,
                    num_layers: int = 0) -> Any:
-  return _per_leaf(params, lambda p: first_match(p, tuple(rules), 1.0)
-                   * layer_decay_factor(p, layer_decay, num_layers))
+  return rules_lib.map_paths(lambda p, _: rules_lib.first_match(p, rules, 1.0)
+                             * layer_decay_factor(p, layer_decay, num_layers), params)
 
 
 class _Empty(NamedTuple):

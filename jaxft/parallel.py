@@ -1,10 +1,10 @@
 """Devices: the mesh, sharding rules for the state, batches onto devices, pmap mode, multi-host.
 
 `jit` mode (the main path): one `jax.jit` step over a `jax.sharding.Mesh` with axes
-("data", "fsdp", "tensor"). Every leaf of the train state gets a PartitionSpec from the first
-matching regex rule over its path (`parallel.param_rules`), so optimizer moments follow their
-parameters. Batches are split over ("data", "fsdp"). XLA inserts the collectives: FSDP gathers
-weights where they are used, tensor parallelism splits attention heads and the MLP.
+("data", "fsdp", "tensor"). Every parameter gets a PartitionSpec from the first matching rule
+over its path (`parallel.param_rules`, jaxft.rules); optimizer moments take their parameter's.
+Batches are split over ("data", "fsdp"). XLA inserts the collectives: FSDP gathers weights where
+they are used, tensor parallelism splits attention heads and the MLP.
 
 `pmap` mode: classic data parallelism for users who expect it. Replicated state, the same step
 function with its gradient sums reduced by `lax.psum` over the "batch" axis.
@@ -17,45 +17,19 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxft import rules as rules_lib
+from jaxft.config import MESH_AXES as AXES
 from jaxft.errors import fail
 
-AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 PMAP_AXIS = "batch"
-
-# First match wins; paths look like "params/bert/encoder/layer/0/attention/self/query/kernel"
-# (optimizer moments: "opt_state/1/0/mu/bert/..."). A spec names one mesh axis (or None) per
-# dimension; a dimension that the axis size does not divide stays whole.
-DEFAULT_PARAM_RULES = (
-    # [vocab, hidden]: split the hidden dimension (vocabulary sizes are rarely divisible).
-    (r".*embeddings/\w+/embedding", (None, "fsdp")),
-    # Attention: [hidden, heads * head_dim] -> heads over "tensor"; output projection the reverse.
-    (r".*attention/self/(query|key|value)/kernel", ("fsdp", "tensor")),
-    (r".*attention/self/(query|key|value)/bias", ("tensor",)),
-    (r".*attention/output/dense/kernel", ("tensor", "fsdp")),
-    # MLP: [hidden, mlp] -> mlp over "tensor"; [mlp, hidden] back.
-    (r".*intermediate/dense/kernel", ("fsdp", "tensor")),
-    (r".*intermediate/dense/bias", ("tensor",)),
-    (r".*output/dense/kernel", ("tensor", "fsdp")),
-    # DistilBERT names.
-    (r".*attention/(q_lin|k_lin|v_lin)/kernel", ("fsdp", "tensor")),
-    (r".*attention/(q_lin|k_lin|v_lin)/bias", ("tensor",)),
-    (r".*attention/out_lin/kernel", ("tensor", "fsdp")),
-    (r".*ffn/lin1/kernel", ("fsdp", "tensor")),
-    (r".*ffn/lin1/bias", ("tensor",)),
-    (r".*ffn/lin2/kernel", ("tensor", "fsdp")),
-    (r".*pooler/dense/kernel", ("fsdp", None)),
-    # Everything else (LayerNorm, other biases, the task head, step, rng): replicated.
-    (r".*", ()),
-)
-
 
 # ---- mesh ------------------------------------------------------------------------------------
 def mesh_shape(requested: dict, num_devices: int) -> tuple[int, ...]:
@@ -103,27 +77,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 # ---- state shardings from rules ----------------------------------------------------------------
-def path_string(keypath) -> str:
-  parts = []
-  for key in keypath:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
-
-
 def spec_for(path: str, shape: tuple, rules: Sequence, mesh: Mesh) -> P:
   """The PartitionSpec of the first rule matching `path`, fitted to `shape` and the mesh."""
-  for pattern, axes in rules:
-    if re.fullmatch(pattern, path):
-      break
-  else:
-    fail(f"no parallel.param_rules pattern matches {path}; end the rules with ('.*', ())")
-  axes = tuple(axes)
-  if len(axes) != len(shape):  # e.g. a scalar optimizer count under a kernel's rule
+  axes = tuple(rules_lib.first_match(path, rules, key="parallel.param_rules"))
+  if len(axes) != len(shape):  # e.g. a LoRA factor under a kernel's rule
     return P()
   fitted = []
   for axis, dim in zip(axes, shape):
@@ -132,26 +89,26 @@ def spec_for(path: str, shape: tuple, rules: Sequence, mesh: Mesh) -> P:
   return P(*fitted)
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence = DEFAULT_PARAM_RULES):
-  """A NamedSharding for every leaf of the (abstract) state, by the first matching rule."""
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, leaf: NamedSharding(mesh, spec_for(path_string(kp), leaf.shape, rules, mesh)),
-      abstract_state)
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence) -> Any:
+  """A NamedSharding for every parameter (leaf of shape-carrying `abstract_params`)."""
+  return rules_lib.map_paths(
+      lambda path, leaf: NamedSharding(mesh, spec_for(path, leaf.shape, rules, mesh)),
+      abstract_params)
 
 
-def check_rules(rules: Sequence) -> None:
-  for rule in rules:
-    if len(rule) != 2:
-      fail(f"parallel.param_rules entry {rule!r} must be (regex, axes)")
-    pattern, axes = rule
-    try:
-      re.compile(pattern)
-    except re.error as e:
-      fail(f"parallel.param_rules pattern {pattern!r} is not a valid regex: {e}")
-    for axis in axes:
-      if axis is not None and axis not in AXES:
-        fail(f"parallel.param_rules pattern {pattern!r} names axis {axis!r}; use one of "
-             f"{list(AXES)} or None")
+def state_shardings(abstract_state: dict, mesh: Mesh, rules: Sequence,
+                    tx: optax.GradientTransformation) -> dict:
+  """Shardings of the train state {"step", "params", "opt_state", "rng"}: parameters by the
+  rules, each optimizer moment as its parameter, everything else replicated."""
+  params = param_shardings(abstract_state["params"], mesh, rules)
+  whole = replicated(mesh)
+  # tx.init traced abstractly (eval_shape): run eagerly it would compile its zeros.
+  opt_state = optax.tree_map_params(lambda p: jax.eval_shape(tx.init, p),
+                                    lambda _, sharding: sharding, abstract_state["opt_state"],
+                                    params, transform_non_params=lambda _: whole)
+  rest = {k: jax.tree_util.tree_map(lambda _: whole, v) for k, v in abstract_state.items()
+          if k not in ("params", "opt_state")}
+  return {**rest, "params": params, "opt_state": opt_state}
 
 
 # ---- batches onto devices ----------------------------------------------------------------------

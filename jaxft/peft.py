@@ -1,9 +1,9 @@
 """Parameter-efficient fine-tuning as parameter-subtree masking.
 
-Every method is one mechanism: first-match (regex, trainable) rules over parameter paths such as
-"bert/encoder/layer/5/attention/self/query/kernel" split the model's parameters into a trainable
-tree (differentiated, with optimizer state, checkpointed) and a frozen tree (a constant argument
-of the step, loaded from the base model).
+Every method is one mechanism: first-match (regex, trainable) rules over parameter paths
+(jaxft.rules) split the model's parameters into a trainable tree (differentiated, with optimizer
+state, checkpointed) and a frozen tree (a constant argument of the step, loaded from the base
+model).
 
   none     everything trainable
   bitfit   biases (and the task head) only
@@ -19,9 +19,7 @@ The LoRA factors live in the trainable tree under the key "lora", nested by modu
 
 from __future__ import annotations
 
-import difflib
 import math
-import re
 import zlib
 from typing import Callable, Optional, Sequence
 
@@ -31,34 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxft import rules as rules_lib
+from jaxft.config import LORA_ALL_LINEAR
 from jaxft.errors import fail
 
-METHODS = ("none", "lora", "bitfit", "freeze")
 LORA_KEY = "lora"
-ALL_LINEAR = "all-linear"
-# Task heads of the supported families: sequence/token classification (classifier,
-# DistilBERT's pre_classifier), BERT's MLM head (cls), RoBERTa's (lm_head), DistilBERT's (vocab_*).
-DEFAULT_HEAD_PATTERN = (r"(classifier|pre_classifier|cls|lm_head|vocab_transform|"
-                        r"vocab_layer_norm|vocab_projector)/.*")
-DEFAULT_LORA_TARGETS = r".*attention/self/(query|value)/kernel"
-
-
-def path_of(key: tuple) -> str:
-  return "/".join(str(k) for k in key)
-
-
-def _near(pattern: str, paths: Sequence[str], n: int = 4) -> list[str]:
-  """Parameter names that look like what a pattern was meant to match."""
-  words = re.sub(r"[^A-Za-z0-9_/]+", " ", pattern).split()
-  probe = max(words, key=len) if words else pattern
-  close = difflib.get_close_matches(probe, paths, n=n, cutoff=0.0)
-  return close or list(paths[:n])
-
-
-def check_pattern_matches(pattern: str, paths: Sequence[str], key: str) -> None:
-  if not any(re.fullmatch(pattern, p) for p in paths):
-    fail(f"config {key} pattern {pattern!r} matches no parameter; nearby names: "
-         f"{_near(pattern, paths)}")
 
 
 def trainable_rules(peft_config) -> tuple:
@@ -76,19 +51,14 @@ def trainable_rules(peft_config) -> tuple:
 def split_params(params: dict, rules: Sequence, method: str) -> tuple[dict, dict]:
   """(trainable, frozen) trees by first-match rules; an error when nothing would train."""
   flat = traverse_util.flatten_dict(params)
-  paths = [path_of(k) for k in flat]
+  paths = [rules_lib.path(k) for k in flat]
   for pattern, value in rules:
     if pattern != r".*" and value:
-      check_pattern_matches(pattern, paths, "peft.trainable_rules")
+      rules_lib.check_matches(pattern, paths, "peft.trainable_rules")
   trainable, frozen = {}, {}
-  for key, value in flat.items():
-    path = path_of(key)
-    for pattern, is_trainable in rules:
-      if re.fullmatch(pattern, path):
-        (trainable if is_trainable else frozen)[key] = value
-        break
-    else:
-      frozen[key] = value
+  for (key, value), path in zip(flat.items(), paths):
+    is_trainable = rules_lib.first_match(path, rules, False)
+    (trainable if is_trainable else frozen)[key] = value
   if not trainable and method != "lora":
     fail(f"peft.method={method} with these rules leaves no parameter trainable; add a "
          "(pattern, True) rule to peft.trainable_rules, e.g. for the top layer "
@@ -99,7 +69,7 @@ def split_params(params: dict, rules: Sequence, method: str) -> tuple[dict, dict
 
 # ---- LoRA ------------------------------------------------------------------------------------
 def lora_target_pattern(targets: str, head_pattern: str) -> str:
-  if targets == ALL_LINEAR:
+  if targets == LORA_ALL_LINEAR:
     return r"(?!" + head_pattern + r").*/kernel"
   return targets
 
@@ -113,14 +83,15 @@ def lora_scale(lora_config) -> float:
 def init_lora(params: dict, lora_config, head_pattern: str, seed: int) -> dict:
   """A [in, r] ~ Kaiming-uniform (as PEFT), B [r, out] = 0 for each targeted 2-D kernel."""
   flat = traverse_util.flatten_dict(params)
-  paths = [path_of(k) for k in flat]
+  paths = [rules_lib.path(k) for k in flat]
   pattern = lora_target_pattern(lora_config.targets, head_pattern)
-  if lora_config.targets != ALL_LINEAR:
-    check_pattern_matches(pattern, paths, "peft.lora.targets")
+  if lora_config.targets != LORA_ALL_LINEAR:
+    rules_lib.check_matches(pattern, paths, "peft.lora.targets")
+  targeted = ((pattern, True),)
   rng = np.random.default_rng(seed + 1)
   factors = {}
-  for key, value in flat.items():
-    if len(value.shape) != 2 or not re.fullmatch(pattern, path_of(key)):
+  for (key, value), path in zip(flat.items(), paths):
+    if len(value.shape) != 2 or not rules_lib.first_match(path, targeted, False):
       continue
     fan_in, fan_out = value.shape
     bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform(a=sqrt(5)) as torch.nn.Linear and PEFT
@@ -130,7 +101,7 @@ def init_lora(params: dict, lora_config, head_pattern: str, seed: int) -> dict:
     factors[module + ("lora_b",)] = np.zeros((lora_config.rank, fan_out), np.float32)
   if not factors:
     fail(f"peft.lora.targets {lora_config.targets!r} matches no 2-D kernel; nearby names: "
-         f"{_near(pattern, paths)}")
+         f"{rules_lib.nearby(pattern, paths)}")
   return traverse_util.unflatten_dict(factors)
 
 

@@ -17,86 +17,19 @@ Batched, length-bucketed and sharded like evaluation; full and PEFT checkpoints 
 
 from __future__ import annotations
 
-import json
+if __name__ == "__main__":  # `python -m jaxft.predict`: start-up comes before JAX loads
+  from jaxft import runtime
+  runtime.start_process()
+
 import os
 from typing import Optional
 
 import jax
-import numpy as np
 from absl import flags
 
-from jaxft import runtime, tasks
+from jaxft import inference, runtime
 from jaxft.data import encode
 from jaxft.errors import fail
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-  return np.exp(tasks.log_softmax(x))
-
-
-def _text(data: encode.Encoded, i: int):
-  texts = [column[i] for column in data.texts]
-  return texts[0] if len(texts) == 1 else texts
-
-
-def entity_spans(words: list[str], tags: list[str], scores: np.ndarray) -> list[dict]:
-  """Entities in seqeval's reading of BIO tags (the reading evaluation scores), with word
-  offsets (end exclusive) and the mean probability of their words' tags."""
-  from seqeval.metrics.sequence_labeling import get_entities
-  return [{"type": kind, "start": start, "end": end + 1, "text": " ".join(words[start:end + 1]),
-           "score": round(float(np.mean(scores[start:end + 1])), 6)}
-          for kind, start, end in get_entities(list(tags))]
-
-
-def prediction_records(task: tasks.Task, outputs: dict, data: encode.Encoded) -> list[dict]:
-  """One JSON-ready record per example (per sentence for token classification)."""
-  names = task.label_names
-  if task.kind == "token_classification":
-    probs = data.words.sentence_predictions([_softmax(x) for x in outputs["logits"]])
-    out = []
-    for words, p in zip(data.words.words, probs):
-      ids = p.argmax(-1)
-      tags = [names[i] for i in ids]
-      out.append({"words": words, "tags": tags,
-                  "entities": entity_spans(words, tags, p.max(-1))})
-    return out
-  if task.kind == "mlm":
-    fail("prediction does not apply to task.kind=mlm; export the adapted encoder "
-         "(jaxft.export --format=hf) and fine-tune it on a task")
-  logits = np.stack(outputs["logits"])
-  out = []
-  for i, row in enumerate(logits):
-    record = {"text": _text(data, i)}
-    if task.kind == "regression":
-      record["value"] = float(row[0])
-    elif task.kind == "multilabel":
-      p = tasks.sigmoid(row)
-      record["labels"] = [n for n, q in zip(names, p) if q > task.threshold]
-      record["probabilities"] = {n: round(float(q), 6) for n, q in zip(names, p)}
-    else:
-      p = _softmax(row)
-      record["label"] = names[int(p.argmax())]
-      record["probabilities"] = {n: round(float(q), 6) for n, q in zip(names, p)}
-    out.append(record)
-  return out
-
-
-def write_records(records: list[dict], path: str, kind: str) -> None:
-  """JSONL, or TSV for a .tsv name (CoNLL-style word<TAB>tag for token classification)."""
-  with open(path, "w", encoding="utf-8") as f:
-    if not path.endswith(".tsv"):
-      f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    elif kind == "token_classification":
-      for r in records:
-        f.writelines(f"{w}\t{t}\n" for w, t in zip(r["words"], r["tags"]))
-        f.write("\n")
-    else:
-      key = {"regression": "value", "multilabel": "labels"}.get(kind, "label")
-      f.write(f"text\t{key}\n")
-      for r in records:
-        text = r["text"] if isinstance(r["text"], str) else "\t".join(r["text"])
-        value = ",".join(r[key]) if isinstance(r[key], list) else r[key]
-        f.write(f"{text}\t{value}\n")
 
 
 def _check_text_fields(path: str, config, fmt: Optional[str]) -> None:
@@ -115,30 +48,18 @@ def _check_text_fields(path: str, config, fmt: Optional[str]) -> None:
          f"{', fields tab-separated' if len(wanted) > 1 else ''}) as a .txt file")
 
 
-def load_predictor(workdir: Optional[str], model_folder: Optional[str], which: str):
-  """(experiment, params): a workdir's checkpoint, or an exported Hugging Face folder."""
-  from jaxft import evaluate
-  if bool(workdir) == bool(model_folder):
-    fail("give exactly one of --workdir (a training run) or --model (an exported folder)")
-  if workdir:
-    exp, _, params = evaluate.restore_for_eval(workdir, which)
-    return exp, params
-  return evaluate.load_exported(model_folder)
-
-
 def predict(workdir: Optional[str], input_path: str, output: str, which: str = "best",
             model_folder: Optional[str] = None, input_format: Optional[str] = None) -> list:
   runtime.configure_jax()
-  exp, params = load_predictor(workdir, model_folder, which)
+  exp, params = inference.load(workdir, model_folder, which)
   _check_text_fields(input_path, exp.config, input_format)
   data = encode.read_inputs(input_path, exp.config, exp.tokenizer, exp.label_names,
                             input_format)
-  eval_step = exp.jit_eval_step(exp.program_cache_key("eval"))
-  outputs = exp.predict_outputs(eval_step, params, data)
-  records = prediction_records(exp.task, outputs, data)
+  outputs = inference.Predictor(exp).outputs(params, data)
+  records = inference.prediction_records(exp.task, outputs, data)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    write_records(records, output, exp.task.kind)
+    inference.write_records(records, output, exp.task.kind)
     print(f"wrote {len(records)} predictions to {output}")
   return records
 

@@ -19,7 +19,7 @@ from typing import Optional
 
 from absl import flags
 
-from jaxft import runtime
+from jaxft import config as config_lib, runtime
 from jaxft.errors import fail
 
 CONFIG_SUMMARY_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "peft.method",
@@ -87,12 +87,11 @@ def read_records(workdir: str) -> list[dict]:
 
 def selection_metric(config: dict, info: dict) -> tuple[str, str]:
   """(metric, mode): run.json's choice, else the config's, else the task's default."""
-  from jaxft import tasks
   metric = info.get("best_metric") or lookup(config, "checkpoint.best_metric")
   mode = info.get("best_mode") or lookup(config, "checkpoint.best_mode")
   kind = lookup(config, "task.kind")
-  return tasks.selection(kind if kind in tasks.KINDS else "classification", metric or None,
-                         mode if mode in ("max", "min") else None)
+  return config_lib.selection(kind if kind in config_lib.TASK_KINDS else "classification",
+                              metric or None, mode if mode in ("max", "min") else None)
 
 
 def series(records: list[dict], split: str, key: str) -> tuple[list, list]:

@@ -1,90 +1,136 @@
-"""Process-wide set-up shared by the entry points: compilation cache, logging, flag parsing."""
+"""Process-wide set-up shared by the entry points: start-up, private caches, JAX's settings,
+logging, flag parsing.
+
+Nothing here imports JAX at module level: `start_process` runs before JAX loads.
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
+import stat
 import sys
-import threading
-
-import jax
+from typing import Callable, Optional
 
 from jaxft.errors import report_and_exit, UserError
 
 
+# ---- start-up ------------------------------------------------------------------------------
+def cpu_layer():
+  """jaxft.cpu where it is installed and applies to this process (a CPU-only host, not
+  switched off with JAXFT_CPU_TUNING=0), else None."""
+  try:
+    from jaxft import cpu
+  except ImportError:  # the layer's folder was removed: jaxft runs without it
+    return None
+  return cpu if cpu.applies() else None
+
+
+def start_process() -> None:
+  """What a jaxft command does first, before JAX loads. On a CPU-only host the process restarts
+  once with the CPU layer's allocator settings (jaxft.cpu.process); elsewhere, nothing."""
+  cpu = cpu_layer()
+  if cpu is not None:
+    from jaxft.cpu import process
+    process.restart_once()
+
+
+def _command(module: str) -> Callable[[], None]:
+  def main() -> None:
+    start_process()
+    importlib.import_module(f"jaxft.{module}").run()
+  main.__name__ = main.__qualname__ = f"{module}_command"
+  return main
+
+
+# Console scripts that run steps (pyproject.toml): start-up first, then the entry point,
+# which imports JAX. jaxft-export and jaxft-report run no steps and start as they are.
+train_command = _command("train")
+evaluate_command = _command("evaluate")
+predict_command = _command("predict")
+
+
+def installed_distributions() -> dict[str, str]:
+  """{name: version} of the distributions installed on sys.path, read from the names of their
+  metadata folders alone (importlib.metadata parses every METADATA file: a tenth of a second,
+  at every start of a command). Names as the folders spell them (jax_cuda12_plugin)."""
+  found = {}
+  for entry in sys.path:
+    try:
+      names = os.listdir(entry or ".")
+    except OSError:  # a zip file, or a path that does not exist
+      continue
+    for name in names:
+      if name.endswith((".dist-info", ".egg-info")):
+        project, _, version = name.rsplit(".", 1)[0].partition("-")
+        found.setdefault(project, version)
+  return found
+
+
+# ---- private caches ------------------------------------------------------------------------
+@functools.cache
+def warn_once(message: str) -> None:
+  """One line on stderr, once per process for a given message."""
+  print(f"jaxft: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _not_private(info: os.stat_result, kind: str) -> Optional[str]:
+  if not (stat.S_ISDIR(info.st_mode) if kind == "directory" else stat.S_ISREG(info.st_mode)):
+    return f"is not a {kind} (a link?)"
+  if info.st_uid != os.geteuid():
+    return f"is owned by another user (uid {info.st_uid})"
+  if info.st_mode & 0o022:
+    return f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+  return None
+
+
+def private_directory(path: str, setting: str) -> Optional[str]:
+  """`path` (created owner-only if missing) where this user owns it and nobody else can write
+  it, else None with a one-line warning. jaxft loads code from its caches (compiled libraries,
+  programs): whoever could write there could run code in every jaxft process. `setting` names
+  what moves the directory, for the warning."""
+  try:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    problem = _not_private(os.lstat(path), "directory")
+  except OSError as e:
+    problem = f"cannot be used ({e.strerror})"
+  if problem is None:
+    return path
+  warn_once(f"not using the cache {path}: it {problem}; remove it (jaxft creates it again, "
+             f"private) or set {setting} to a folder only you can write")
+  return None
+
+
+def private_file(path: str) -> bool:
+  """Whether `path` is a regular file that this user owns and nobody else can write."""
+  try:
+    return _not_private(os.lstat(path), "file") is None
+  except OSError:
+    return False
+
+
+# ---- JAX -----------------------------------------------------------------------------------
 def default_compilation_cache_dir() -> str:
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
   return os.path.join(base, "jaxft", "xla")
 
 
-class CompileStats:
-  """XLA compilations in this process, counted through jax.monitoring.
-
-  `programs`/`seconds`: every program handed to XLA and the time it took, loads from JAX's
-  persistent cache and from jaxft's program cache (jaxft.program_cache) included (`cache_hits`
-  of them). Training logs these cumulatively, so a new shape compiled mid-run shows up as a
-  jump (tests/test_train.py checks that none do after epoch 1).
-  """
-  programs = 0
-  seconds = 0.0
-  cache_hits = 0
-
-  @classmethod
-  def record_load(cls, seconds: float) -> None:
-    """A program loaded from jaxft's program cache (JAX reports its own cache's loads)."""
-    cls.programs += 1
-    cls.cache_hits += 1
-    cls.seconds += seconds
-
-  @classmethod
-  def snapshot(cls) -> dict:
-    return {"compiles": cls.programs, "compile_seconds": cls.seconds,
-            "compile_cache_hits": cls.cache_hits}
-
-
-def _count_compile(event: str, duration: float, **_) -> None:
-  if event == "/jax/core/compile/backend_compile_duration":
-    CompileStats.programs += 1
-    CompileStats.seconds += duration
-
-
-_thread = threading.local()  # .jax_cache_hit: this thread's compile was a JAX cache load
-
-
-def _count_cache_hit(event: str, **_) -> None:
-  if event == "/jax/compilation_cache/cache_hits":
-    CompileStats.cache_hits += 1
-    _thread.jax_cache_hit = True  # JAX records the event in the thread that compiles
-
-
-_listening = False
-
-
-def count_compilations() -> None:
-  global _listening
-  if not _listening:
-    jax.monitoring.register_event_duration_secs_listener(_count_compile)
-    jax.monitoring.register_event_listener(_count_cache_hit)
-    _listening = True
-
-
-def compile_noting_cache_hit(lowered) -> tuple:
-  """(`lowered.compile()`, whether JAX loaded it from its persistent cache instead)."""
-  count_compilations()
-  _thread.jax_cache_hit = False
-  compiled = lowered.compile()
-  return compiled, _thread.jax_cache_hit
-
-
 def configure_jax() -> None:
   """Turns on the persistent compilation cache, so a repeated run skips compiling, and counts
-  compilations (CompileStats).
+  compilations (jaxft.compiled.CompileStats).
 
-  JAX_COMPILATION_CACHE_DIR, when set, wins (JAX reads it itself).
+  JAX_COMPILATION_CACHE_DIR, when set, wins (JAX reads it itself; a team may share one on
+  purpose). The default one is private to the user (`private_directory`).
   """
-  count_compilations()
+  import jax
+  from jaxft import compiled
+  compiled.count_compilations()
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    jax.config.update("jax_compilation_cache_dir", default_compilation_cache_dir())
+    default = private_directory(default_compilation_cache_dir(), "JAX_COMPILATION_CACHE_DIR")
+    if default is not None:
+      jax.config.update("jax_compilation_cache_dir", default)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   for name in ("jax._src.xla_bridge", "jax._src.compilation_cache"):
@@ -143,7 +189,7 @@ def run_main(body, required: tuple = (), example: str = "--workdir=DIR",
   from absl import app, flags
   from jaxft.errors import fail, run_cli
   # jaxft never needs PyTorch (safetensors convert without it), but transformers imports it
-  # whenever it is installed: ~3 s of every command's start. USE_TORCH, when set, wins.
+  # whenever it is installed, seconds of every command's start. USE_TORCH, when set, wins.
   if not uses_torch:
     os.environ.setdefault("USE_TORCH", "0")
   # --debug is filed under the calling entry point's module (absl's name for it), so that its

@@ -1,5 +1,6 @@
-"""What differs between tasks, in one place: the head's width, the loss, what the eval step pulls
-from the devices, the metrics, and the default model-selection metric.
+"""What differs between tasks on the devices: the head's width, the loss, what the eval step
+pulls from the devices, and predictions from logits. (The metric names and the default
+model-selection metric of each task are config values: jaxft.config.TASK_METRICS.)
 
 The train step, parallel modes, PEFT masks and checkpoints are shared by every task; only the
 functions here change. Losses return (sum over the batch, weight total) so that gradient
@@ -25,26 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-KINDS = ("classification", "regression", "multilabel", "token_classification", "mlm")
-SEQUENCE_KINDS = ("classification", "regression", "multilabel")  # one prediction per example
-TOKEN_KINDS = ("token_classification", "mlm")  # one prediction per token
-
-# The metrics each task reports (all of them numbers; "loss" everywhere), and the default
-# model-selection metric with its direction.
-METRICS = {
-    "classification": ("accuracy", "macro_f1", "mcc", "binary_f1", "loss"),
-    "regression": ("pearson", "spearman", "mse", "loss"),
-    "multilabel": ("micro_f1", "macro_f1", "exact_match", "loss"),
-    "token_classification": ("precision", "recall", "f1", "token_accuracy", "loss"),
-    "mlm": ("perplexity", "loss", "accuracy"),
-}
-DEFAULT_SELECTION = {
-    "classification": ("accuracy", "max"),
-    "regression": ("pearson", "max"),
-    "multilabel": ("micro_f1", "max"),
-    "token_classification": ("f1", "max"),
-    "mlm": ("perplexity", "min"),
-}
+from jaxft import metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,27 +73,8 @@ class Task:
     if self.kind == "regression":
       return logits[..., 0]
     if self.kind == "multilabel":
-      return (sigmoid(logits) > self.threshold).astype(np.int32)
+      return (metrics.sigmoid(logits) > self.threshold).astype(np.int32)
     return logits.argmax(-1)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-  return 1.0 / (1.0 + np.exp(-x))
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-  m = x.max(-1, keepdims=True)
-  return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
-
-
-def selection(kind: str, metric, mode) -> tuple[str, str]:
-  """The model-selection metric and direction: the configured ones, else the task's default."""
-  default_metric, default_mode = DEFAULT_SELECTION[kind]
-  if metric is None:
-    return default_metric, mode or default_mode
-  if mode is None:
-    mode = "min" if metric in ("loss", "mse", "perplexity") else "max"
-  return metric, mode
 
 
 def make(kind: str, label_names: Sequence[str] = (), threshold: float = 0.5) -> Task:

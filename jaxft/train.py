@@ -9,6 +9,10 @@ schedule, state (fresh or restored), the loop (log, evaluate, checkpoint, stop e
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m jaxft.train`: start-up comes before JAX loads
+  from jaxft import runtime
+  runtime.start_process()
+
 import json
 import math
 import os
@@ -25,7 +29,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jaxft import __version__, config as config_lib, experiment, models, parallel, runtime
+from jaxft import (__version__, compiled, config as config_lib, experiment, inference, models,
+                   parallel, runtime)
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.data import batching
 from jaxft.errors import fail
@@ -84,7 +89,7 @@ def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int
           "num_train_steps": num_steps,
           "train_examples": len(exp.train_data), "devices": jax.device_count(),
           "processes": jax.process_count(), "mesh": dict(exp.mesh.shape),
-          "bucket_lengths": list(exp.buckets)}
+          "bucket_lengths": list(exp.buckets), "attention": exp.model.attention}
   with open(os.path.join(workdir, "run.json"), "w") as f:
     json.dump(info, f, indent=2)
 
@@ -124,7 +129,8 @@ def _timed(items: Iterator, waited: list) -> Iterator:
     yield item
 
 
-def _train_batches(exp, trainer, data, start_step: int, num_steps: int, spe: int) -> Iterator:
+def _train_batches(exp, train_step, data, start_step: int, num_steps: int, spe: int
+                   ) -> Iterator:
   """(step, padded width, device batch) from `start_step` on; batch = f(seed, epoch, index)."""
   c = exp.config
   epoch_cache: dict[int, list] = {}
@@ -135,7 +141,7 @@ def _train_batches(exp, trainer, data, start_step: int, num_steps: int, spe: int
       epoch_cache[epoch] = batching.epoch_batches(
           data.lengths, c.train.batch_size, c.seed, epoch, c.data.bucket_window_batches)
     host = exp.host_batch(data, epoch_cache[epoch][index], c.train.batch_size)
-    yield step, host["input_ids"].shape[1], trainer.device_batch(host)
+    yield step, host["input_ids"].shape[1], train_step.device_batch(host)
 
 
 class _Progress:
@@ -248,16 +254,13 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   runtime.configure_jax()
   _prepare_workdir(workdir)
   parallel.check_shared_directory(os.path.join(workdir, "checkpoints"))
-  t, k = config.train, config.checkpoint
 
   # ---- data and model ----------------------------------------------------------------------
   exp = experiment.build(config, devices=devices)
+  config = exp.config  # resolved: what config.json records and the rest of the run uses
+  t, k = config.train, config.checkpoint
   train_data = exp.train_data
   val_data = exp.load_split("validation") if config.data.validation_file else None
-  config.unlock()
-  config.data.label_names = exp.label_names or None  # config.json records the resolved config
-  config.data.bucket_lengths = exp.buckets
-  config.lock()
 
   # ---- steps, schedule, optimizer ------------------------------------------------------------
   spe = batching.steps_per_epoch(len(train_data), t.batch_size)
@@ -301,17 +304,18 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     else:
       evals_since_best += 1
 
-  trainer = exp.trainer(tx, schedule, abstract,
-                        cache_prefix=exp.program_cache_key("train", num_steps=num_steps))
-  state = trainer.place(state)
-  eval_step = exp.jit_eval_step(exp.program_cache_key("eval"))
+  train_step = compiled.train_step(
+      exp, tx, schedule, abstract, exp.program_cache_key("train", num_steps=num_steps))
+  state = train_step.place(state)
+  predictor = inference.Predictor(exp)
   frozen = exp.frozen()
   if start < num_steps:
-    trainer.precompile(
+    train_step.precompile(
         state, frozen,
         [exp.host_batch(train_data, [int(i)], t.batch_size)
          for i in batching.first_of_each_width(train_data.lengths, exp.buckets)],
-        eval_step, [] if val_data is None else exp.first_eval_batch_of_each_width(val_data))
+        predictor.programs,
+        [] if val_data is None else predictor.first_batch_of_each_width(val_data))
 
   def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
     epoch, index = divmod(step, spe)
@@ -331,8 +335,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   preemption = _PreemptionWatch()
   try:
     for step, width, batch in _timed(_prefetch(
-        _train_batches(exp, trainer, train_data, start, num_steps, spe)), input_wait):
-      state, step_metrics = trainer.step(state, frozen, batch)
+        _train_batches(exp, train_step, train_data, start, num_steps, spe)), input_wait):
+      state, step_metrics = train_step(state, frozen, batch)
       done = step + 1
       pending.append((done, t.batch_size * width, step_metrics))
       shapes_seen.add(width)
@@ -348,7 +352,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         summary = _summarise(pending, now - last_log, input_wait[0])
         summary["skipped_steps"] = skipped
         summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
-        summary.update(runtime.CompileStats.snapshot())  # cumulative, this process
+        summary.update(compiled.CompileStats.snapshot())  # cumulative, this process
         summary["trainable_params"] = counts["trainable"]
         summary["total_params"] = counts["total"]
         pending, last_log, input_wait[0] = [], now, 0.0
@@ -359,7 +363,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         progress.update()
 
       if preempted:  # save this step (its metrics are logged above) and leave
-        ckpts.save(done, trainer.savable(state), meta_for(done, None))
+        ckpts.save(done, train_step.savable(state), meta_for(done, None))
         ckpts.close()  # waits for every pending save
         name = signal.Signals(preemption.signal).name if preemption.signal else "preemption"
         progress.write(f"{name}: saved a checkpoint at step {done} in "
@@ -370,7 +374,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       evaluated = None
       if eval_now:
         eval_start = time.perf_counter()
-        evaluated = exp.evaluate(eval_step, trainer.params(state), val_data)
+        evaluated = predictor.evaluate(train_step.params(state), val_data)
         evaluated["eval_seconds"] = time.perf_counter() - eval_start
         eval_metrics = evaluated
         writer.write(done, "validation", evaluated)
@@ -385,7 +389,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       stop = bool(t.early_stopping_patience and evaluated is not None
                   and evals_since_best >= t.early_stopping_patience)
       if save_now or stop:
-        ckpts.save(done, trainer.savable(state), meta_for(done, evaluated),
+        ckpts.save(done, train_step.savable(state), meta_for(done, evaluated),
                    metrics=None if evaluated is None else scalars(evaluated))
       if stop:
         progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
@@ -402,9 +406,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   if jax.process_index() == 0:
     print(f"done: step {done if stopped_early else num_steps}, best checkpoint step "
           f"{best_step} ({k.best_metric}={best})", flush=True)
-    compiled = runtime.CompileStats
-    print(f"compiled {compiled.programs} programs in {compiled.seconds:.1f} s "
-          f"({compiled.cache_hits} loaded from the compilation cache)", flush=True)
+    stats = compiled.CompileStats
+    print(f"compiled {stats.programs} programs in {stats.seconds:.1f} s "
+          f"({stats.cache_hits} loaded from the compilation cache)", flush=True)
   return eval_metrics or {}
 
 

@@ -22,6 +22,7 @@ for ((i = 0; i < NUM; i++)); do
   JAX_PLATFORMS=cpu \
   XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES} ${XLA_FLAGS:-}" \
   JAXFT_COORDINATOR_ADDRESS="127.0.0.1:${PORT}" JAXFT_NUM_PROCESSES="$NUM" JAXFT_PROCESS_ID="$i" \
+  JAXFT_LOCAL_PROCESSES="$NUM" \
     "$PYTHON" -m "${JAXFT_MODULE:-jaxft.train}" "$@" 2> >(sed "s/^/[$i] /" >&2) &
   pids+=($!)
 done

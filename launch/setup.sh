@@ -26,7 +26,9 @@ fi
 if [ "$MODE" = "test" ] && [ -z "${JAXFT_NO_TORCH:-}" ]; then
   .venv/bin/python -m pip install --quiet "torch==2.13.0" "peft>=0.17,<1"
 fi
-# jaxft's C++ for the CPU (jaxft.native), built now rather than by the first run; where it
-# cannot be built (no C++ compiler), jaxft runs without it.
-.venv/bin/python -m jaxft.native || echo "jaxft: running without its C++ kernels (see above)"
+# The CPU layer's C++ (jaxft/cpu), built now rather than by the first run; where it cannot be
+# built (no C++ compiler), jaxft runs without it. Skipped on accelerator hosts.
+if .venv/bin/python -c "import jaxft.cpu, sys; sys.exit(0 if jaxft.cpu.applies() else 1)"; then
+  .venv/bin/python -m jaxft.cpu > /dev/null || echo "jaxft: running without its C++ kernels (see above)"
+fi
 .venv/bin/python -c "import jaxft, jax; print('jaxft', jaxft.__version__, 'on', jax.devices())"

@@ -59,8 +59,8 @@ def run_with_kills(config: str, workdir: str, kill_steps: list[int], log) -> lis
 
 def final_params(workdir: str):
   import jax
-  from jaxft import evaluate
-  _, step, params = evaluate.restore_for_eval(workdir, "latest")
+  from jaxft import inference
+  _, step, params = inference.restore(workdir, "latest")
   return step, jax.device_get(params)
 
 

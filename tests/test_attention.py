@@ -1,8 +1,7 @@
 """jaxft.attention gives Hugging Face's values and gradients, dropout masks included, by its
-JAX path and by the fused CPU kernel (jaxft/native/attention_cpu.cc)."""
+JAX path and by the CPU layer's fused kernel (jaxft/cpu/attention_cpu.cc)."""
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxft import attention, native
+from jaxft import attention
+from jaxft.cpu import attention as cpu_attention, native
 from jaxft.errors import UserError
 
 PATHS = ("jaxft", "kernel")
@@ -52,29 +52,29 @@ def _loss_and_grads(model, ids, mask, path: str, train: bool = True):
   return jax.jit(jax.value_and_grad(loss))(model.params)
 
 
-def _counted(monkeypatch, name: str) -> list:
-  """The shapes of q in every call of attention.`name` (made while tracing)."""
+def _counted(monkeypatch, module, name: str) -> list:
+  """The shapes of q in every call of `module.name` (made while tracing)."""
   calls = []
-  original = getattr(attention, name)
+  original = getattr(module, name)
 
   def counted(*args):
     calls.append(args[0].shape)
     return original(*args)
 
-  monkeypatch.setattr(attention, name, counted)
+  monkeypatch.setattr(module, name, counted)
   return calls
 
 
 @pytest.fixture
 def fast_path_calls(monkeypatch):
   """How many times the interceptor took jaxft's JAX attention (while tracing)."""
-  return _counted(monkeypatch, "attention")
+  return _counted(monkeypatch, attention, "attention")
 
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
   """How many times the interceptor took the fused kernel (while tracing)."""
-  return _counted(monkeypatch, "kernel_attention")
+  return _counted(monkeypatch, cpu_attention, "_kernel_attention")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -182,10 +182,10 @@ def test_kernel_matches_the_jax_path(batch, length, heads, depth, bias, multipli
   """Values and all three gradients, for lengths that are and are not multiples of 16."""
   q, k, v, b, m = _operands(batch, length, heads, depth, bias, multiplier)
   g = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape, np.float32))
-  operands = attention._kernel_operands(q, b, m)
+  operands = cpu_attention._operands(q, b, m)
   assert operands is not None
   out_jax, vjp_jax = jax.vjp(lambda q, k, v: attention.attention(q, k, v, b, m), q, k, v)
-  out, vjp = jax.vjp(lambda q, k, v: attention.kernel_attention(q, k, v, *operands), q, k, v)
+  out, vjp = jax.vjp(lambda q, k, v: cpu_attention._kernel_attention(q, k, v, *operands), q, k, v)
   np.testing.assert_allclose(out, out_jax, atol=2e-6, rtol=2e-5)
   for ours, theirs in zip(jax.jit(vjp)(g), vjp_jax(g)):
     np.testing.assert_allclose(ours, theirs, atol=1e-5 * float(jnp.max(jnp.abs(theirs))),
@@ -194,20 +194,20 @@ def test_kernel_matches_the_jax_path(batch, length, heads, depth, bias, multipli
 
 def test_kernel_takes_an_empty_batch():
   q = jnp.zeros((0, 5, 2, 16))
-  operands = attention._kernel_operands(q, None, None)
-  out, vjp = jax.vjp(lambda q, k, v: attention.kernel_attention(q, k, v, *operands), q, q, q)
+  operands = cpu_attention._operands(q, None, None)
+  out, vjp = jax.vjp(lambda q, k, v: cpu_attention._kernel_attention(q, k, v, *operands), q, q, q)
   assert out.shape == q.shape and all(g.shape == q.shape for g in vjp(out))
 
 
 def test_kernel_operands_where_it_does_not_apply():
   q, k, v, b, m = _operands(2, 8, 2, 16, "padding", "shared")
-  assert attention._kernel_operands(q.astype(jnp.bfloat16), b, m) is None
+  assert cpu_attention._operands(q.astype(jnp.bfloat16), b, m) is None
   q8 = q[..., :8]  # depth 8: not a multiple of 16
-  assert attention._kernel_operands(q8, b, m) is None
+  assert cpu_attention._operands(q8, b, m) is None
   per_query_bias = jnp.zeros((2, 1, 8, 8))  # not a padding bias
-  assert attention._kernel_operands(q, per_query_bias, m) is None
+  assert cpu_attention._operands(q, per_query_bias, m) is None
   per_example = jnp.ones((2, 1, 8, 8))  # a multiplier that differs per example
-  assert attention._kernel_operands(q, b, per_example) is None
+  assert cpu_attention._operands(q, b, per_example) is None
 
 
 def test_kernel_under_a_symbolic_length():
@@ -217,10 +217,10 @@ def test_kernel_under_a_symbolic_length():
   spec = jax.ShapeDtypeStruct((2, width, 2, 16), jnp.float32)
 
   def loss(q, k, v):
-    return jnp.sum(attention.kernel_attention(q, k, v, *attention._kernel_operands(q, None,
+    return jnp.sum(cpu_attention._kernel_attention(q, k, v, *cpu_attention._operands(q, None,
                                                                                    None)) ** 2)
 
-  checks = [export.DisabledSafetyCheck.custom_call(t) for t in native.registered_targets()]
+  checks = [export.DisabledSafetyCheck.custom_call(t) for t in attention.custom_call_targets()]
   assert checks, "the kernel's targets are registered once it has been used"
   exported = export.export(jax.jit(jax.value_and_grad(loss)), disabled_checks=checks)(
       spec, spec, spec)
@@ -232,8 +232,8 @@ def test_kernel_under_a_symbolic_length():
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_implementation_by_platform_and_build(monkeypatch, caplog):
-  native.attention_targets()  # buildable here (CI and this machine have a C++ compiler)
+def test_implementation_by_platform_and_build(monkeypatch, capsys):
+  cpu_attention.targets()  # buildable here (CI and this machine have a C++ compiler)
   assert attention.implementation("auto", "cpu") == "kernel"
   assert attention.implementation("auto", "gpu") == "hf"
   assert attention.implementation("auto", "tpu") == "hf"
@@ -244,12 +244,16 @@ def test_implementation_by_platform_and_build(monkeypatch, caplog):
   with pytest.raises(UserError, match="model.attention=kernel runs on the CPU"):
     attention.implementation("kernel", "gpu")
   # no compiler: auto keeps the JAX path with one warning; an explicit kernel is an error
-  monkeypatch.setattr(native, "attention_targets", functools.partial(
+  monkeypatch.setattr(cpu_attention, "targets", functools.partial(
       _raise, native.BuildError("no C++ compiler found")))
-  with caplog.at_level(logging.WARNING):
-    assert attention.implementation("auto", "cpu") == "jaxft"
-  assert "no C++ compiler found" in caplog.text
+  assert attention.implementation("auto", "cpu") == "jaxft"
+  assert "no C++ compiler found" in capsys.readouterr().err
   with pytest.raises(UserError, match="cannot be built here: no C\\+\\+ compiler found"):
+    attention.implementation("kernel", "cpu")
+  # the CPU layer switched off: auto takes the JAX path silently, an explicit kernel is an error
+  monkeypatch.setenv("JAXFT_CPU_TUNING", "0")
+  assert attention.implementation("auto", "cpu") == "jaxft"
+  with pytest.raises(UserError, match="switched off"):
     attention.implementation("kernel", "cpu")
 
 

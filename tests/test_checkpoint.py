@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from jaxft.checkpoint import Checkpoints
-from jaxft.config import base_config, resolve_task_defaults
+from jaxft.config import base_config, with_task_defaults
 from jaxft.errors import UserError
 
 
 def _ckpt_config(keep_latest=1, keep_best=1):
-  full = base_config()
-  resolve_task_defaults(full)  # accuracy / max for classification
+  full = with_task_defaults(base_config())  # accuracy / max for classification
+  full.unlock()
   c = full.checkpoint
   c.keep_latest, c.keep_best, c.async_save = keep_latest, keep_best, True
   return c

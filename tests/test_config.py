@@ -75,3 +75,38 @@ def test_shipped_configs_load_and_validate():
     config_lib.validate(c)
     with pytest.raises(AttributeError):
       c.no_such_key = 1
+
+
+def test_the_config_module_and_start_up_import_no_jax():
+  """Entry points read configs and start the process before JAX loads (jaxft.runtime)."""
+  import subprocess
+  import sys
+  code = ("import sys, jaxft.config, jaxft.runtime, jaxft.report; "
+          "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'optax'}))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_replace_returns_a_new_locked_config_and_leaves_the_old_one():
+  c = _valid()
+  d = config_lib.replace(c, {"train.batch_size": 8, "parallel.mesh": {"data": 2, "fsdp": 4,
+                                                                       "tensor": 1}})
+  assert d.train.batch_size == 8 and c.train.batch_size == 32
+  assert dict(d.parallel.mesh) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert c.parallel.mesh.data == -1
+  with pytest.raises(AttributeError):
+    d.train.learning_rat = 1.0  # locked
+  resolved = config_lib.with_task_defaults(c)
+  assert (resolved.checkpoint.best_metric, resolved.checkpoint.best_mode) == ("accuracy", "max")
+  assert c.checkpoint.best_metric is None
+
+
+def test_an_experiment_resolves_its_config_once_without_changing_the_given_one(tiny_config):
+  from jaxft import experiment
+  before = tiny_config.to_json()
+  exp = experiment.build(tiny_config)
+  assert tiny_config.to_json() == before
+  assert exp.config.data.label_names == ("0", "1")
+  assert tuple(exp.config.data.bucket_lengths) == exp.buckets
+  assert exp.config.checkpoint.best_metric == "accuracy"

@@ -46,10 +46,10 @@ def test_writer_does_not_import_torch(tmp_path):
           "print(json.dumps({'loaded': 'torch' in sys.modules, "
           "'installed': importlib.util.find_spec('torch') is not None}))")
   out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True,
-                       text=True, check=True, env={**os.environ, "JAXFT_HUGEPAGES": "0"})
+                       text=True, check=True, env={**os.environ, "JAXFT_CPU_TUNING": "0"})
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["loaded"] is False
   if result["installed"]:
     subprocess.run([sys.executable, "-c", "from jaxft.metrics import MetricWriter; "
                     f"MetricWriter({str(tmp_path)!r}).close(); import torch; torch.ones(1)"],
-                   check=True, env={**os.environ, "JAXFT_HUGEPAGES": "0"})
+                   check=True, env={**os.environ, "JAXFT_CPU_TUNING": "0"})

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxft import evaluate, experiment, export, models, optim, parallel, peft, train
+from jaxft import (compiled, config as config_lib, evaluate, experiment, export, inference,
+                   models, optim, peft, rules, train)
 from jaxft.data import batching
 from jaxft.errors import UserError
 from jaxft.step import combine
@@ -65,11 +66,11 @@ def test_no_gradient_is_computed_for_frozen_leaves(tiny_config):
     exp = experiment.build(config)
     tx, schedule = exp.optimizer(10)
     abstract = exp.abstract_state(tx)
-    trainer = exp.trainer(tx, schedule, abstract)
+    train_step = compiled.train_step(exp, tx, schedule, abstract)
     host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)
-    batch = trainer.device_batch(host)
-    lowered = trainer._step.jitted.lower(abstract, exp.frozen(), batch)
-    out_state = jax.eval_shape(trainer._step.jitted, abstract, exp.frozen(), batch)[0]
+    batch = train_step.device_batch(host)
+    lowered = train_step._programs.jitted.lower(abstract, exp.frozen(), batch)
+    out_state = jax.eval_shape(train_step._programs.jitted, abstract, exp.frozen(), batch)[0]
     return exp, out_state, lowered.compile().cost_analysis()
 
   full_exp, full_state, full_cost = compiled_step(tiny_config)
@@ -78,7 +79,7 @@ def test_no_gradient_is_computed_for_frozen_leaves(tiny_config):
   assert set(_paths(lora_state["params"])) == trainable
   frozen_kernel = "bert/encoder/layer/0/intermediate/dense/kernel"
   assert frozen_kernel in _paths(lora_exp.frozen_init)
-  opt_paths = [parallel.path_string(kp) for kp, _ in
+  opt_paths = [rules.path(kp) for kp, _ in
                jax.tree_util.tree_flatten_with_path(lora_state["opt_state"])[0]]
   assert not any(frozen_kernel in p for p in opt_paths)
   # Weight gradients of frozen kernels are never formed: the LoRA step needs fewer FLOPs.
@@ -109,7 +110,7 @@ def test_rules_that_match_nothing_name_the_pattern(tiny_config):
                           peft__trainable_rules=()))
   with pytest.raises(UserError, match="leaves no parameter trainable"):
     experiment.build(_set(tiny_config, peft__method="freeze", peft__train_head=False,
-                          peft__lora__targets=peft.DEFAULT_LORA_TARGETS))
+                          peft__lora__targets=config_lib.DEFAULT_LORA_TARGETS))
 
 
 def test_all_linear_targets_every_dense_kernel_but_the_head(tiny_config):
@@ -142,7 +143,7 @@ def _train_lora(tiny_config, workdir):
 def test_lora_checkpoint_holds_only_the_trainable_subtree(tiny_config, tmp_path):
   workdir = str(tmp_path / "lora")
   final = _train_lora(tiny_config, workdir)
-  exp, step, params = evaluate.restore_for_eval(workdir, "best")
+  exp, step, params = inference.restore(workdir, "best")
   assert _paths(params) == _paths(exp.trainable_init)
   record = evaluate.evaluate_checkpoint(workdir, "best")
   for key in ("accuracy", "macro_f1", "mcc", "loss"):
@@ -173,13 +174,13 @@ def test_restoring_on_a_different_base_model_is_refused(tiny_config, tmp_path):
   saved["model"]["name_or_path"] = str(other)
   json.dump(saved, open(config_path, "w"))
   with pytest.raises(UserError, match="different base model"):
-    evaluate.restore_for_eval(workdir, "latest")
+    inference.restore(workdir, "latest")
 
 
 def test_exports_match_the_unmerged_model(tiny_config, tmp_path):
   workdir = str(tmp_path / "lora")
   _train_lora(tiny_config, workdir)
-  exp, _, params = evaluate.restore_for_eval(workdir, "best")
+  exp, _, params = inference.restore(workdir, "best")
   host = batching.make_batch(exp.load_split("validation"), np.arange(32), 32, exp.buckets)
   batch = {k: jnp.asarray(v) for k, v in host.items()}
   ours = np.asarray(exp.logits(combine(jax.device_get(params), exp.frozen_init), batch, None,

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxft import evaluate, export, predict, train
+from jaxft import evaluate, export, inference, predict, train
 from jaxft.errors import UserError
 
 from test_tasks import _config, _tagged_sentences, _write_conll
@@ -118,4 +118,4 @@ def test_ner_spans_score_like_evaluation(tiny_model_dir, tmp_path):
 
 def test_prediction_needs_exactly_one_source(tmp_path):
   with pytest.raises(UserError, match="exactly one of --workdir"):
-    predict.load_predictor(None, None, "best")
+    inference.load(None, None, "best")

@@ -1,20 +1,22 @@
-"""jaxft.program_cache: compiled steps kept across runs, loaded without tracing, keyed safely."""
+"""The program cache (jaxft.compiled): compiled steps kept across runs, loaded without tracing,
+keyed safely, private to the user, bounded."""
 
 import glob
+import json
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from jaxft import experiment, program_cache, train
+from jaxft import compiled, experiment, inference, train
 from jaxft.data import batching
 from jaxft.metrics import read_metrics
 
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
-  """A fresh JAX cache directory for this test (program_cache reads the setting on each use)."""
+  """A fresh JAX cache directory for this test (the cache reads the setting on each use)."""
   path = str(tmp_path / "xla")
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", path)  # else configure_jax sets the default
   original = jax.config.values["jax_compilation_cache_dir"]
@@ -31,7 +33,7 @@ def _no_tracing(monkeypatch):
   """Fails the test if any step is traced or lowered for a precompiled width."""
   def refuse(*args, **kwargs):
     raise AssertionError("a cached program was traced again")
-  monkeypatch.setattr(experiment.WidthPrograms, "lowering", refuse)
+  monkeypatch.setattr(compiled.WidthPrograms, "lowering", refuse)
 
 
 def test_a_repeated_run_loads_every_program_and_trains_identically(tiny_config, tmp_path,
@@ -47,8 +49,8 @@ def test_a_repeated_run_loads_every_program_and_trains_identically(tiny_config, 
     assert len(stored) <= 2 * len(widths)
 
   loads = []
-  real_load = program_cache.load
-  monkeypatch.setattr(program_cache, "load", lambda key: loads.append(key) or real_load(key))
+  real_load = compiled.load
+  monkeypatch.setattr(compiled, "load", lambda key: loads.append(key) or real_load(key))
   _no_tracing(monkeypatch)
   second = str(tmp_path / "second")
   train.train_and_evaluate(tiny_config, second)
@@ -62,19 +64,19 @@ def test_a_repeated_run_loads_every_program_and_trains_identically(tiny_config, 
 def test_a_loaded_train_step_donates_its_state_and_matches_a_compiled_one(tiny_config,
                                                                           cache_dir, monkeypatch):
   loaded = []
-  real_load = program_cache.load
-  monkeypatch.setattr(program_cache, "load", lambda key: loaded.append(key) or real_load(key))
+  real_load = compiled.load
+  monkeypatch.setattr(compiled, "load", lambda key: loaded.append(key) or real_load(key))
   exp = experiment.build(tiny_config)
   tx, schedule = exp.optimizer(10)
   prefix = exp.program_cache_key("train", num_steps=10)
   hosts = [batching.make_batch(exp.train_data, np.arange(16), 16, (w,)) for w in (16, 24)]
   results = []
   for _ in range(2):  # compiles and stores, then loads
-    trainer = exp.trainer(tx, schedule, exp.abstract_state(tx), cache_prefix=prefix)
+    train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx), prefix)
     state = exp.init_state(tx)
-    trainer.precompile(state, {}, hosts)
-    batch = trainer.device_batch(hosts[1])
-    new_state, metrics = trainer.step(state, {}, batch)
+    train_step.precompile(state, {}, hosts)
+    batch = train_step.device_batch(hosts[1])
+    new_state, metrics = train_step(state, {}, batch)
     assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state["params"]))
     results.append((float(metrics["loss"]), jax.device_get(new_state["params"])))
   assert len(_stored(cache_dir)) == 2 and len(loaded) == 2  # the second trainer's two widths
@@ -84,25 +86,24 @@ def test_a_loaded_train_step_donates_its_state_and_matches_a_compiled_one(tiny_c
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_damaged_entry_is_compiled_again_and_replaced(tiny_config, cache_dir, caplog):
+def test_a_damaged_entry_is_compiled_again_and_replaced(tiny_config, cache_dir, capsys):
   exp = experiment.build(tiny_config)
   data = exp.load_split("validation")
   params = exp.init_state(exp.optimizer(1)[0])["params"]
-  prefix = exp.program_cache_key("eval")
-  reference = exp.predict_outputs(exp.jit_eval_step(prefix), params, data)["logits"]
+  reference = inference.Predictor(exp).outputs(params, data)["logits"]
   for path in _stored(cache_dir):
     with open(path, "wb") as f:
       f.write(b"not a program")
-  outputs = exp.predict_outputs(exp.jit_eval_step(prefix), params, data)["logits"]
+  outputs = inference.Predictor(exp).outputs(params, data)["logits"]
   np.testing.assert_allclose(np.stack(outputs), np.stack(reference), rtol=1e-6)
-  assert "did not load" in caplog.text
+  assert "did not load" in capsys.readouterr().err
   assert all(os.path.getsize(p) > 1000 for p in _stored(cache_dir))
 
 
 def test_the_key_changes_with_what_builds_the_step(tiny_config, tiny_model_dir, tmp_path,
                                                    cache_dir):
   key = lambda config, kind="train", model_dir=tiny_model_dir, **extra: (
-      program_cache.experiment_key(config, model_dir, kind, **extra))
+      compiled.experiment_key(config, model_dir, kind, **extra))
   base = key(tiny_config, num_steps=10)
   assert key(tiny_config.copy_and_resolve_references(), num_steps=10) == base
   assert key(tiny_config, num_steps=11) != base  # the learning-rate schedule's length
@@ -121,10 +122,10 @@ def test_the_key_changes_with_what_builds_the_step(tiny_config, tiny_model_dir, 
   assert key(tiny_config, model_dir=str(other_model), num_steps=10) != base
 
   x = jax.numpy.zeros((4, 16), jax.numpy.int32)
-  shapes = {program_cache.program_key(base, {"ids": y}) for y in
+  shapes = {compiled.program_key(base, {"ids": y}) for y in
             (x, jax.numpy.zeros((4, 24), jax.numpy.int32), x.astype(jax.numpy.float32))}
   assert len(shapes) == 3
-  assert program_cache.program_key(base, {"ids": x}) == program_cache.program_key(
+  assert compiled.program_key(base, {"ids": x}) == compiled.program_key(
       base, {"ids": jax.numpy.ones((4, 16), jax.numpy.int32)})  # values do not matter
 
 
@@ -132,7 +133,7 @@ def test_off_without_a_jax_cache_directory(tiny_config, monkeypatch):
   original = jax.config.values["jax_compilation_cache_dir"]
   jax.config.update("jax_compilation_cache_dir", None)
   try:
-    assert program_cache.directory() is None
+    assert compiled.cache_directory() is None
     assert experiment.build(tiny_config).program_cache_key("eval") is None
   finally:
     jax.config.update("jax_compilation_cache_dir", original)
@@ -163,3 +164,45 @@ def test_programs_loaded_from_jax_cache_are_not_stored(tiny_config, tmp_path, ca
     assert result.returncode == 0, result.stderr[-2000:]
     assert _stored(cache_dir) == [], name
     assert read_metrics(str(tmp_path / name), "validation")
+
+
+def test_the_cache_is_bounded_and_evicts_the_least_recently_used(tmp_path):
+  directory = tmp_path / "programs"
+  directory.mkdir()
+  for i, name in enumerate("abcd"):
+    path = directory / f"{name}.bin"
+    path.write_bytes(b"x" * 1000)
+    os.utime(path, (100 + i, 100 + i))
+  os.utime(directory / "a.bin", (200, 200))  # loaded recently
+  removed = compiled.evict(str(directory), 2500)
+  assert sorted(os.path.basename(p) for p in removed) == ["b.bin", "c.bin"]
+  assert sorted(os.listdir(directory)) == ["a.bin", "d.bin"]
+  assert compiled.evict(str(directory), 2500) == []
+
+
+def test_on_for_cpu_backends_only_unless_asked(cache_dir, monkeypatch):
+  assert compiled.cache_directory() == cache_dir  # this machine: the CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert compiled.cache_directory() is None  # not measured there: off
+  monkeypatch.setenv(compiled.CACHE_SETTING, "1")
+  assert compiled.cache_directory() == cache_dir
+  monkeypatch.setenv(compiled.CACHE_SETTING, "0")
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert compiled.cache_directory() is None
+
+
+def test_the_key_covers_accelerator_runtimes_and_their_settings(tmp_path, monkeypatch):
+  environment = compiled._environment.__wrapped__  # not the process's cached value
+  base = json.loads(environment())
+  monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_enable_async_all_gather=true")
+  assert json.loads(environment())["environment"] != base["environment"]
+  site = tmp_path / "site"
+  for name, version in (("libtpu", "0.0.21"), ("jax_cuda12_plugin", "0.10.2"),
+                        ("nvidia_cudnn_cu12", "9.8.0.87")):
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+  monkeypatch.syspath_prepend(str(site))
+  versions = json.loads(environment())["versions"]
+  assert versions["libtpu"] == "0.0.21" and versions["jax-cuda12-plugin"] == "0.10.2"
+  assert versions["nvidia-cudnn-cu12"] == "9.8.0.87" and versions["jax"] == jax.__version__

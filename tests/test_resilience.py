@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft import experiment, train
+from jaxft import compiled, experiment, train
 from jaxft.data import batching
 from jaxft.errors import UserError
 from jaxft.metrics import read_metrics
@@ -21,12 +21,12 @@ from tests.conftest import REPO, write_config_file
 def test_a_non_finite_step_leaves_the_state_unchanged(tiny_config):
   exp = experiment.build(tiny_config)
   tx, schedule = exp.optimizer(10)
-  trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
+  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
   state = exp.init_state(tx)
   before = jax.device_get(state["params"])
   host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)
   host["weights"] = host["weights"] * np.float32("nan")
-  state, metrics = trainer.step(state, {}, trainer.device_batch(host))
+  state, metrics = train_step(state, {}, train_step.device_batch(host))
   assert not bool(metrics["finite"]) and int(state["step"]) == 1
   after = jax.device_get(state["params"])
   for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):

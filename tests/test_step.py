@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import experiment, step as step_lib
+from jaxft import compiled, experiment, inference, step as step_lib
 from jaxft.data import batching
 
 
@@ -57,11 +57,11 @@ def test_gradient_accumulation_equals_one_full_batch(exp):
 def test_train_step_lowers_the_loss_on_a_repeated_batch(exp):
   tx, schedule = exp.optimizer(100)
   state = exp.init_state(tx)
-  trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
+  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
   host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)
   losses = []
   for _ in range(16):
-    state, m = trainer.step(state, {}, trainer.device_batch(host))
+    state, m = train_step(state, {}, train_step.device_batch(host))
     losses.append(float(m["loss"]))
   assert int(state["step"]) == 16
   assert losses[-1] < 0.5 * losses[0]
@@ -71,14 +71,15 @@ def test_evaluation_counts_every_example_in_file_order(exp):
   data = exp.load_split("validation")  # 70 examples, eval batch 32: the last batch is partial
   tx, _ = exp.optimizer(1)
   params = exp.init_state(tx)["params"]
-  logits = np.stack(exp.predict_outputs(exp.jit_eval_step(), params, data)["logits"])
+  predictor = inference.Predictor(exp)
+  logits = np.stack(predictor.outputs(params, data)["logits"])
   assert logits.shape == (70, 2)
   # Reference: each example alone, unpadded.
   for i in (0, 33, 69):
     one = batching.make_batch(data, np.array([i]), 1, (len(data.input_ids[i]),))
     ref = exp.model.logits(params, {k: jax.numpy.asarray(v) for k, v in one.items()}, None, False)
     np.testing.assert_allclose(logits[i], np.asarray(ref)[0], rtol=1e-4, atol=1e-5)
-  metrics = exp.evaluate(exp.jit_eval_step(), params, data)
+  metrics = predictor.evaluate(params, data)
   expected = float((logits.argmax(-1) == data.labels).mean())
   assert metrics["accuracy"] == pytest.approx(expected)
 
@@ -103,18 +104,18 @@ def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_d
       event == "/jax/core/compile/jaxpr_trace_duration") else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    precompiled = exp.trainer(tx, schedule, exp.abstract_state(tx))
+    precompiled = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
     precompiled.precompile(exp.init_state(tx), {}, hosts)
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert traced.count("train_step") == 1, traced
-  assert sorted(precompiled._step.compiled) == list(widths)
-  per_shape = exp.trainer(tx, schedule, exp.abstract_state(tx))
+  assert sorted(precompiled._programs.compiled) == list(widths)
+  per_shape = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
   before = _flat(jax.device_get(exp.init_state(tx)["params"]))
   for host in hosts:
     results = []
-    for trainer in (precompiled, per_shape):
-      state, metrics = trainer.step(exp.init_state(tx), {}, trainer.device_batch(host))
+    for train_step in (precompiled, per_shape):
+      state, metrics = train_step(exp.init_state(tx), {}, train_step.device_batch(host))
       results.append((_flat(jax.device_get(state["params"])), float(metrics["loss"])))
     (p1, loss1), (p2, loss2) = results
     assert loss1 == loss2
@@ -130,22 +131,22 @@ def test_precompiled_eval_widths_share_one_trace_and_match_the_jitted_eval_step(
   tx, schedule = exp.optimizer(1)
   state = exp.init_state(tx)
   hosts = [batching.make_batch(data, np.arange(8), 8, (w,)) for w in (16, 24, 40)]
-  trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
-  eval_step = exp.jit_eval_step()
+  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  eval_step = compiled.eval_step(exp)
   traced = []
   listener = lambda event, duration, **kw: traced.append(kw.get("fun_name")) if (
       event == "/jax/core/compile/jaxpr_trace_duration") else None
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
-    trainer.precompile(state, {}, [], eval_step, hosts)
-    precompiled = [jax.device_get(eval_step(state["params"], {}, trainer.device_batch(h)))
+    train_step.precompile(state, {}, [], eval_step, hosts)
+    precompiled = [jax.device_get(eval_step(state["params"], {}, train_step.device_batch(h)))
                    for h in hosts]
   finally:
     jax.monitoring.unregister_event_duration_listener(listener)
   assert traced.count("eval_step") == 1, traced  # no trace when the programs run
   assert sorted(eval_step.compiled) == [16, 24, 40]
-  plain = exp.jit_eval_step()
+  plain = compiled.eval_step(exp)
   for host, outputs in zip(hosts, precompiled):
-    expected = jax.device_get(plain(state["params"], {}, trainer.device_batch(host)))
+    expected = jax.device_get(plain(state["params"], {}, train_step.device_batch(host)))
     assert np.abs(expected["logits"]).max() > 1e-3
     np.testing.assert_allclose(outputs["logits"], expected["logits"], rtol=1e-5, atol=1e-6)

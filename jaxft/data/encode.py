@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from jaxft import config as config_lib
 from jaxft.data import files, labels, tokens
 from jaxft.errors import fail
 
@@ -175,9 +176,8 @@ def read_inputs(path: str, config, tokenizer, label_names: Sequence[str],
   fmt = files.infer_format(path, fmt)
   if fmt == "text":
     return _read_plain_inputs(path, config, tokenizer, label_names)
-  with config.unlocked():
-    config.data.format = fmt
-  return read_split(path, config, tokenizer, label_names, None, labelled=False)[0]
+  as_format = config_lib.replace(config, {"data.format": fmt})
+  return read_split(path, as_format, tokenizer, label_names, None, labelled=False)[0]
 
 
 def read_split(path: str, config, tokenizer, label_names: Optional[Sequence[str]],

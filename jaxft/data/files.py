@@ -2,13 +2,12 @@
 
 CSV and TSV files are read here with Python's csv module; JSON, JSON lines, Parquet and folders
 written by `save_to_disk` through Hugging Face `datasets`, imported only for them: importing it
-(with pandas and pyarrow) took 0.6 s of every run's start on the project's 2-core machine, and
-its CSV reader another 0.1-0.3 s per file.
+(with pandas and pyarrow) is a noticeable share of a short run's start.
 
 Every column of a delimited file is read as text (labels included) so that label handling is one
-code path, and so that sentences such as "null" or "NA" are kept as written. Delimited files are read with quoting
-off: GLUE's TSV files hold bare quote characters that would otherwise swallow rows;
-CSV files keep standard quoting so that a quoted field may hold commas.
+code path, and so that sentences such as "null" or "NA" are kept as written. Delimited files are
+read with quoting off: GLUE's TSV files hold bare quote characters that would otherwise swallow
+rows; CSV files keep standard quoting so that a quoted field may hold commas.
 """
 
 from __future__ import annotations

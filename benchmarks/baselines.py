@@ -1,9 +1,9 @@
-r"""The baselines `jaxft.bench` measures jaxft against, written the way users write them today.
+r"""The baselines benchmarks/bench.py measures jaxft against, written the way users write them.
 
 - `plain_flax_step`: the Hugging Face Flax model applied under `jax.jit` with optax AdamW, as
   the old `run_flax_glue.py` did (dropout from threefry keys, a weight-decay mask, no extras).
 - `torch_eager_step`: PyTorch `BertForSequenceClassification`, eager, `torch.optim.AdamW`.
-- `python -m jaxft.baselines --train_file=... --validation_file=...`: the Hugging Face PyTorch
+- `python benchmarks/baselines.py --train_file=... --validation_file=...`: the Hugging Face PyTorch
   `Trainer` fine-tuning run (DataCollatorWithPadding, or `--padding=max_length`), printing its
   dev accuracy as JSON on the last line. Torch is needed only here; jaxft never imports it.
 """

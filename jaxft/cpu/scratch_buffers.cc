@@ -1,19 +1,19 @@
 // Keeps XLA's per-run scratch buffers mapped between runs: a library that jaxft's commands
-// preload into themselves (LD_PRELOAD, jaxft/hugepages.py).
+// preload into themselves on CPU hosts (LD_PRELOAD, jaxft/cpu/process.py).
 //
 // Why: XLA's CPU runtime takes one scratch buffer for all the intermediate values of a run of a
-// program from posix_memalign (1.45 GB for a MiniLM train step at 32 x 128 tokens) and frees it
-// when the run ends. glibc serves a block that large with a fresh mmap and returns it with
-// munmap, so every step the kernel faults the whole buffer in and zeroes it again: with
-// transparent huge pages ~800 faults and 0.1-0.2 s of kernel time per step on this project's
-// 2-core machine, and whenever the kernel has run out of free huge pages, seconds of page
-// compaction (1.2-3.4 s of kernel time in one step of every 2 to 6). Here aligned blocks of
-// 16 MB and more (posix_memalign, aligned_alloc, memalign) come from a cache of mappings
-// instead: a freed block stays mapped, faulted in, for the next run that needs one.
+// program from posix_memalign and frees it when the run ends. glibc serves a block that large
+// with a fresh mmap and returns it with munmap, so every step the kernel faults the whole
+// buffer in and zeroes it again, and, when it has run out of free huge pages, compacts memory
+// first. Here aligned blocks of 16 MB and more (posix_memalign, aligned_alloc, memalign) come
+// from a cache of mappings instead: a freed block stays mapped, faulted in, for the next run
+// that needs one.
 //
 // Bounds: the cache holds no more than the most that was ever in use at once (a training loop
 // holds two buffers: XLA takes the next step's before it frees the last step's) and no more
-// than a quarter of physical memory; a freed block beyond that is unmapped, as glibc would.
+// than JAXFT_SCRATCH_CACHE_BYTES, read when the library loads (jaxft/cpu/process.py sets it
+// from the cgroup's memory limit and the processes on the host; a quarter of physical memory
+// without it); a freed block beyond that is unmapped, as glibc would.
 // malloc, calloc and all smaller blocks stay glibc's; free, realloc and malloc_usable_size
 // pass anything that is not one of these blocks on to glibc.
 
@@ -25,6 +25,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 extern "C" {
@@ -52,14 +53,24 @@ pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 Block blocks[kSlots];
 int count = 0;
 size_t live = 0, peak = 0, cached = 0;
+size_t limit = 0;  // set when the library loads (init)
 uint64_t ticks = 0;
 
 size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-size_t budget() {
-  const size_t quarter = static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) *
-                         static_cast<size_t>(sysconf(_SC_PAGESIZE)) / 4;
-  return peak < quarter ? peak : quarter;
+size_t budget() { return peak < limit ? peak : limit; }
+
+// JAXFT_SCRATCH_CACHE_BYTES if set to a number, else a quarter of physical memory. Read once,
+// at load time: getenv and strtoull allocate nothing, and the process may change its
+// environment later.
+size_t configured_limit() {
+  if (const char* text = getenv("JAXFT_SCRATCH_CACHE_BYTES")) {
+    char* end = nullptr;
+    const unsigned long long value = strtoull(text, &end, 10);
+    if (end != text && *end == '\0') return static_cast<size_t>(value);
+  }
+  return static_cast<size_t>(sysconf(_SC_PHYS_PAGES)) *
+         static_cast<size_t>(sysconf(_SC_PAGESIZE)) / 4;
 }
 
 // A fresh mapping of `size` bytes (a multiple of kAlign) at a kAlign boundary, or nullptr.
@@ -144,7 +155,10 @@ size_t size_of(void* p) {
 // A child of fork() must not inherit the lock held by a thread that does not exist there.
 void lock() { pthread_mutex_lock(&mu); }
 void unlock() { pthread_mutex_unlock(&mu); }
-__attribute__((constructor)) void init() { pthread_atfork(lock, unlock, unlock); }
+__attribute__((constructor)) void init() {
+  limit = configured_limit();
+  pthread_atfork(lock, unlock, unlock);
+}
 
 }  // namespace
 

@@ -1,12 +1,15 @@
-r"""Benchmarks: `python -m jaxft.bench` (speed, the default) and `--suite=peft`.
+r"""Benchmarks: `python benchmarks/bench.py` (speed, the default) and `--suite=peft`.
+
+Runs from a source checkout with jaxft installed (launch/setup.sh); measurements go to
+benchmarks/README.md.
 
 Speed (one command, one run; ratios against baselines measured in the same run):
 1. the machine's fp32 matmul peak (a jitted 2048^3 matmul, best of 10, before and after the
    fixed-shape steps: the higher counts);
 2. a fixed-shape train step (default model, `--batch` x `--length`, HF classification head) of
    jaxft against the plain-jit Hugging Face Flax step and the PyTorch eager loop (when torch is
-   installed), each in its own process (thread pools would compete; the baselines without the
-   malloc tunable of jaxft's entry points, jaxft.hugepages), timed round-robin
+   installed), each in its own process (thread pools would compete; the baselines as their
+   users' scripts run, without the CPU layer that jaxft's commands start with), timed round-robin
    so that machine noise hits all alike, each timed step right after an untimed one (as in a
    training loop); model-FLOPs utilisation
    (6 x non-embedding params x tokens + attention) against the measured peak;
@@ -23,24 +26,33 @@ training against full fine-tuning at `--batch` x `--length`.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
-from typing import Optional
 
-import jax
-import numpy as np
-from absl import flags
+if __name__ == "__main__" and "--worker=jaxft" in sys.argv:
+  # jaxft's step runs as jaxft's commands run (jaxft.runtime.start_process: the CPU layer's
+  # restart); the baselines' workers do not, as their users' scripts would not.
+  from jaxft import runtime
+  runtime.start_process()
 
-from jaxft import baselines, experiment, hugepages, models, native, runtime
-from jaxft.checkpoint import Checkpoints
-from jaxft.config import base_config
-from jaxft.data.encode import Encoded
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Optional  # noqa: E402
 
-CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+import baselines  # noqa: E402 - beside this file
+from jaxft import compiled, experiment, models, runtime  # noqa: E402
+from jaxft.checkpoint import Checkpoints  # noqa: E402
+from jaxft.config import base_config  # noqa: E402
+from jaxft.data.encode import Encoded  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS_DIR = os.path.join(os.path.dirname(HERE), "configs")
 
 
 METHODS = (("full", {"peft.method": "none"}),
@@ -134,17 +146,17 @@ def jaxft_step(batch: int, length: int, overrides: Optional[dict] = None,
   config = _config(overrides or {"peft.method": "none"}, batch, length)
   exp = experiment.build(config, label_names=("0", "1"), read_train=False)
   tx, schedule = exp.optimizer(total_steps)
-  trainer = exp.trainer(tx, schedule, exp.abstract_state(tx))
-  state = [trainer.place(exp.init_state(tx))]
+  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  state = [train_step.place(exp.init_state(tx))]
   data = _synthetic(batch, length)
-  device_batch = trainer.device_batch(exp.host_batch(data, np.arange(batch), batch))
+  device_batch = train_step.device_batch(exp.host_batch(data, np.arange(batch), batch))
   frozen = exp.frozen()
 
   def step():
-    state[0], metrics = trainer.step(state[0], frozen, device_batch)
+    state[0], metrics = train_step(state[0], frozen, device_batch)
     jax.block_until_ready(metrics)
 
-  return step, exp, lambda: trainer.savable(state[0])
+  return step, exp, lambda: train_step.savable(state[0])
 
 
 def round_robin(steps: dict, rounds: int, settle: int = 0) -> dict:
@@ -181,13 +193,21 @@ def make_step(kind: str, batch: int, length: int):
     step, exp, _ = jaxft_step(batch, length)
     return step, {"train_flops": train_flops(
         exp.model.hf_config, _non_embedding_params(exp.trainable_init), batch, length),
-        "attention": exp.model.attention,
-        "scratch_buffers_kept": native.scratch_buffers_preloaded(os.environ)}
+        "attention": exp.model.attention, "scratch_buffers_kept": _scratch_buffers_kept()}
   if kind == "plain jit (HF Flax + optax)":
     return baselines.plain_flax_step(model_dir, batch, length), {}
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   return baselines.torch_eager_step(model_dir, batch, length), {}
+
+
+def _scratch_buffers_kept() -> bool:
+  """Whether this process runs with the CPU layer's scratch-buffer cache (jaxft.cpu)."""
+  try:
+    from jaxft.cpu import process
+  except ImportError:
+    return False
+  return any("scratch_buffers" in p for p in process.loaded_libraries())
 
 
 _WORKER_MARK = "jaxft.bench worker: "  # marks the protocol's lines among any other output
@@ -207,18 +227,17 @@ class StepProcess:
   """Train steps run in their own process and called like functions.
 
   Each kind of step gets a process of its own: in one process, PyTorch's OpenMP threads and
-  XLA's pool competed for the two cores and slowed the jax steps by ~30% (3.35 s against 2.52 s
-  alone at 32 x 128), and a baseline should run as its users' own script would, without the
-  malloc tunable that jaxft's entry points set (jaxft.hugepages): `baseline=True`.
+  XLA's pool competed for the cores and slowed the jax steps, and a baseline should run as its
+  users' own script would: only jaxft's worker starts with the CPU layer (see the top).
   """
 
-  def __init__(self, kinds: list[str], batch: int, length: int, baseline: bool = False):
+  def __init__(self, kinds: list[str], batch: int, length: int):
     torch = "PyTorch eager" in kinds
-    env = hugepages.baseline_env(os.environ) if baseline else dict(os.environ)
     self._proc = subprocess.Popen(
-        [sys.executable, "-m", "jaxft.bench", f"--worker={','.join(kinds)}", f"--batch={batch}",
-         f"--length={length}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**env, "TOKENIZERS_PARALLELISM": "false", "USE_TORCH": "1" if torch else "0"})
+        [sys.executable, os.path.abspath(__file__), f"--worker={','.join(kinds)}",
+         f"--batch={batch}", f"--length={length}"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "USE_TORCH": "1" if torch else "0"})
     infos = json.loads(self._readline())
     self.steps = {kind: (lambda i=i: self._step(i)) for i, kind in enumerate(kinds)}
     self.infos = dict(zip(kinds, infos))
@@ -245,7 +264,7 @@ def fixed_shape(batch: int, length: int, rounds: int, torch: bool) -> dict:
   peaks = [matmul_peak_gflops()]
   # one process per kind of step, loaded one after the other; the baselines as users run them
   kinds = STEP_KINDS if torch else STEP_KINDS[:2]
-  workers = [StepProcess([kind], batch, length, baseline=kind != "jaxft") for kind in kinds]
+  workers = [StepProcess([kind], batch, length) for kind in kinds]
   try:
     results = round_robin({k: f for w in workers for k, f in w.steps.items()}, rounds, settle=1)
   finally:
@@ -354,13 +373,12 @@ def jaxft_e2e(name: str, data: dict, cache_dir: str, workdir: str, extra: tuple 
 
 
 def trainer_e2e(data: dict, seed: int = 0) -> dict:
-  cmd = [sys.executable, "-m", "jaxft.baselines",
+  cmd = [sys.executable, os.path.join(HERE, "baselines.py"),
          f"--model_dir={models.resolve_model_dir('minilm')}",
          f"--train_file={data['train_file']}", f"--validation_file={data['validation_file']}",
          f"--examples={data['examples']}", f"--batch={data['batch']}",
          f"--learning_rate={data['learning_rate']}", "--padding=dynamic", f"--seed={seed}"]
-  result = timed_process(cmd, {**hugepages.baseline_env(os.environ),
-                               "TOKENIZERS_PARALLELISM": "false"})
+  result = timed_process(cmd, {**os.environ, "TOKENIZERS_PARALLELISM": "false"})
   result.update(json.loads(result["output"].strip().splitlines()[-1]),
                 name="HF PyTorch Trainer (dynamic padding)")
   return result
@@ -432,11 +450,15 @@ def end_to_end_table(runs: list[dict], data: dict) -> str:
 
 
 def native_builds() -> dict:
-  """Each of jaxft's C++ libraries (jaxft.native): the seconds its build took here, 0.0 when it
-  was built already, or why it cannot be. Built before any timed run, as setup.sh does: like
-  installing, it happens once per machine, and no run here pays for it."""
+  """Each of the CPU layer's C++ libraries (jaxft.cpu.native): the seconds its build took here,
+  0.0 when it was built already, or why it cannot be. Built before any timed run, as setup.sh
+  does: like installing, it happens once per machine, and no run here pays for it."""
+  try:
+    from jaxft.cpu import native
+  except ImportError:
+    return {"cpu layer": "not installed"}
   builds = {}
-  for name in (native.ATTENTION, native.SCRATCH_BUFFERS):
+  for name in native.LIBRARIES:
     start = time.perf_counter()
     try:
       native.build(name)

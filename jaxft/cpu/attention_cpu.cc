@@ -1,11 +1,11 @@
 // Fused multi-head attention for XLA's CPU backend, as two XLA FFI handlers (forward, backward).
 //
-// Why (jaxft/native.py has the measurements): XLA:CPU runs attention's batched [128 x 32] x
-// [32 x 128] dots at 40-60 GFLOP/s on this project's 2-core machines, against ~180 for the
-// model's plain dots, and writes every [batch, heads, q, k] intermediate to memory. Here each
-// (batch, head) pair is one task: its scores, softmax, dropout and mixing stay in a thread's
-// cache, in register-blocked loops the compiler vectorises (GCC/Clang vector extensions, so
-// the same source builds for AVX-512, AVX2 or NEON with -march=native).
+// Why (benchmarks/README.md has the measurements): XLA:CPU runs attention's small batched dots
+// ([128 x 32] x [32 x 128] per head) far below its rate for the model's plain dots, and writes
+// every [batch, heads, q, k] intermediate to memory. Here each (batch, head) pair is one task:
+// its scores, softmax, dropout and mixing stay in a thread's cache, in register-blocked loops
+// the compiler vectorises (GCC/Clang vector extensions, so the same source builds for AVX-512,
+// AVX2 or NEON with -march=native).
 //
 // Layout: q, k, v, out and their gradients are [batch, length, heads, depth] (the layout of
 // Hugging Face's _split_heads), float32, depth a multiple of 16. bias is [batch or 0, length]
@@ -16,7 +16,8 @@
 // keeping them, as FlashAttention does. (Not one log-sum-exp: in a row whose keys are all
 // masked, max + log(sum) rounds back to max, and the row would come back as ones.)
 //
-// Values: out = (softmax(q k^T / sqrt(depth) + bias) * mult) v, as jaxft/attention.py computes.
+// Values: out = (softmax(q k^T / sqrt(depth) + bias) * mult) v, as jaxft/attention.py's JAX path
+// computes (jaxft/cpu/attention.py calls these handlers).
 
 #include <algorithm>
 #include <atomic>
@@ -409,7 +410,8 @@ ffi::Future Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
 
 }  // namespace
 
-// The two entry points jaxft.native registers; everything else stays hidden (-fvisibility).
+// The two entry points jaxft/cpu/attention.py registers; everything else stays hidden
+// (-fvisibility).
 #define JAXFT_EXPORT extern "C" __attribute__((visibility("default")))
 JAXFT_EXPORT XLA_FFI_Error* JaxftAttentionForward(XLA_FFI_CallFrame* call_frame);
 JAXFT_EXPORT XLA_FFI_Error* JaxftAttentionBackward(XLA_FFI_CallFrame* call_frame);
