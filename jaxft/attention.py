@@ -15,9 +15,15 @@ Anything this path does not cover (causal or cross attention, a cache, returned 
 weights) falls through to Hugging Face's code. tests/test_attention.py compares values and
 gradients with Hugging Face's.
 
-`model.attention` picks: "auto" (on the CPU the CPU layer's fused kernel where it builds and
-applies, else this JAX path; Hugging Face's on GPU and TPU), "kernel" (jaxft/cpu/attention.py),
-"jaxft" (this path) or "hf".
+On GPUs and TPUs the attention core goes to `jax.nn.dot_product_attention` instead ("fused"):
+cuDNN's fused kernel on NVIDIA GPUs where the dtype and head size allow it, XLA's composition
+elsewhere, softmax statistics in float32 either way. Fused kernels have no dropout on the
+probabilities: a call that must drop (model.attention_dropout > 0 in training) takes the JAX
+path instead.
+
+`model.attention` picks: "auto" (fused on GPU and TPU; on the CPU the CPU layer's kernel where
+it builds and applies, else the JAX path), "fused", "kernel" (jaxft/cpu/attention.py), "jaxft"
+(the JAX path) or "hf".
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +47,18 @@ _BERT_SELF_ATTENTION = frozenset({
 
 def implementation(choice: str, platform: Optional[str] = None,
                    whole_arrays: bool = True) -> str:
-  """What `model.attention=choice` runs: "kernel", "jaxft" or "hf" (see the module doc).
+  """What `model.attention=choice` runs: "fused", "kernel", "jaxft" or "hf" (see the module
+  doc).
 
   `platform` defaults to JAX's backend; `whole_arrays`: the program sees whole arrays (a
   single-device mesh, or each device's share under pmap). A multi-device jit program would
   gather the kernel's operands onto every device, so it takes the JAX path there.
   """
   platform = platform or jax.default_backend()
-  if choice == "hf" or (choice == "auto" and platform != "cpu"):
-    return "hf"
-  if choice == "jaxft":
-    return "jaxft"
+  if choice in ("hf", "jaxft", "fused"):
+    return choice
+  if choice == "auto" and platform != "cpu":
+    return "fused"
   if platform != "cpu" or not whole_arrays:
     if choice == "kernel":
       fail("model.attention=kernel runs on the CPU, on one device or with parallel.mode=pmap; "
@@ -111,11 +118,12 @@ def _sqrt_depth(q: jax.Array) -> jax.Array:
 
 
 def _probabilities(q, k, bias):
-  """softmax(q k^T / sqrt(depth) + bias) per head, [batch, heads, q, k], in q's dtype."""
+  """softmax(q k^T / sqrt(depth) + bias) per head, [batch, heads, q, k], in q's dtype; the
+  softmax itself in float32 (its sums lose whole digits in bfloat16)."""
   scores = jnp.matmul(_heads(q) / _sqrt_depth(q), _heads_depth_first(k))
   if bias is not None:
     scores = scores + bias
-  return jax.nn.softmax(scores).astype(q.dtype)
+  return jax.nn.softmax(scores.astype(jnp.float32)).astype(q.dtype)
 
 
 def _forward(q, k, v, bias, multiplier):
@@ -160,34 +168,85 @@ def _dropout_multiplier(module, length_q: int, length_k: int) -> jax.Array:
   return keep.astype(module.dtype) / jnp.asarray(keep_prob, dtype=module.dtype)
 
 
+def _padding_bias(attention_mask: Optional[jax.Array], dtype) -> Optional[jax.Array]:
+  """Hugging Face's additive bias: 0 for real keys, the dtype's lowest value for padding."""
+  if attention_mask is None:
+    return None
+  mask = jnp.expand_dims(attention_mask, axis=(-3, -2))
+  return jax.lax.select(mask > 0, jnp.full(mask.shape, 0.0).astype(dtype),
+                        jnp.full(mask.shape, jnp.finfo(dtype).min).astype(dtype))
+
+
+# What `fused_attention` ran while tracing ("cudnn", "xla"): a device check reports it.
+fused_implementations: set[str] = set()
+
+
+def _cudnn_applies(q: jax.Array) -> bool:
+  """cuDNN's fused attention: NVIDIA GPUs, 16-bit floats, head depth a multiple of 8 to 128."""
+  depth = q.shape[-1]
+  return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+          and depth % 8 == 0 and depth <= 128)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                    attention_mask: Optional[jax.Array], heads: Optional[jax.Array]
+                    ) -> jax.Array:
+  """Attention mixing by jax.nn.dot_product_attention, [batch, length, heads, depth] in and
+  out: padding keys masked (`attention_mask` [batch, length]), each head's output scaled by
+  `heads` (the head mask, broadcasting to [1, heads, 1, 1]); no dropout."""
+  out = None
+  if _cudnn_applies(q):
+    # jaxft's batches are right-padded, so a key length per row is the padding mask (at least
+    # 1: a row of padding, weight 0 in the loss, must not produce NaN).
+    lengths = None
+    if attention_mask is not None:
+      lengths = jnp.maximum(jnp.sum(attention_mask > 0, axis=-1), 1).astype(jnp.int32)
+    try:
+      out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                         implementation="cudnn")
+      fused_implementations.add("cudnn")
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      out = None  # a shape or version cuDNN does not take: XLA's composition below
+  if out is None:
+    mask = None if attention_mask is None else (attention_mask > 0)[:, None, None, :]
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    fused_implementations.add("xla")
+  if heads is not None:
+    out = out * jnp.swapaxes(heads, 1, 2).astype(out.dtype)  # [1, 1, heads, 1]
+  return out
+
+
 def _self_attention(module, hidden_states, attention_mask, layer_head_mask, deterministic: bool,
-                    kernel: Optional[Callable]):
-  """FlaxBertSelfAttention.__call__'s result for plain bidirectional self-attention; by
-  `kernel` (same arguments as `attention`, None where it does not apply) if given, else by
-  `attention`."""
+                    implementation: str):
+  """FlaxBertSelfAttention.__call__'s result for plain bidirectional self-attention, by
+  `implementation` ("fused", "kernel", "jaxft"; where "fused" or "kernel" does not apply to a
+  call, by the JAX path)."""
   q = module._split_heads(module.query(hidden_states))
   k = module._split_heads(module.key(hidden_states))
   v = module._split_heads(module.value(hidden_states))
-  bias = None
-  if attention_mask is not None:
-    mask = jnp.expand_dims(attention_mask, axis=(-3, -2))
-    bias = jax.lax.select(mask > 0, jnp.full(mask.shape, 0.0).astype(module.dtype),
-                          jnp.full(mask.shape, jnp.finfo(module.dtype).min).astype(module.dtype))
-  multiplier = None
+  dropout = None
   if not deterministic and module.config.attention_probs_dropout_prob > 0.0:
-    multiplier = _dropout_multiplier(module, q.shape[1], k.shape[1])
+    dropout = _dropout_multiplier(module, q.shape[1], k.shape[1])
+  heads = None
   if layer_head_mask is not None:  # Hugging Face's models pass one of ones when given none
-    per_head = layer_head_mask.astype(module.dtype).reshape(1, -1, 1, 1)
-    multiplier = per_head if multiplier is None else multiplier * per_head
-  out = kernel(q, k, v, bias, multiplier) if kernel is not None else None
-  if out is None:
-    out = attention(q, k, v, bias, multiplier)
+    heads = layer_head_mask.astype(module.dtype).reshape(1, -1, 1, 1)
+  if implementation == "fused" and dropout is None:
+    out = fused_attention(q, k, v, attention_mask, heads)
+  else:
+    bias = _padding_bias(attention_mask, module.dtype)
+    multiplier = heads if dropout is None else (dropout if heads is None else dropout * heads)
+    out = None
+    if implementation == "kernel":
+      from jaxft.cpu import attention as cpu_attention  # chosen only where it loads
+      out = cpu_attention.fused_attention(q, k, v, bias, multiplier)
+    if out is None:
+      out = attention(q, k, v, bias, multiplier)
   return (out.reshape(out.shape[:2] + (-1,)),)
 
 
-def interceptor(next_fun, args, kwargs, context, kernel: Optional[Callable] = None):
-  """A flax method interceptor: BERT-family self-attention calls take `attention` (or
-  `kernel`; `interceptor_for` binds it)."""
+def interceptor(next_fun, args, kwargs, context, implementation: str = "jaxft"):
+  """A flax method interceptor: BERT-family self-attention calls take `implementation`
+  (`interceptor_for` binds it)."""
   module = context.module
   if context.method_name != "__call__" or type(module).__name__ not in _BERT_SELF_ATTENTION:
     return next_fun(*args, **kwargs)
@@ -198,13 +257,9 @@ def interceptor(next_fun, args, kwargs, context, kernel: Optional[Callable] = No
       or a["output_attentions"]):
     return next_fun(*args, **kwargs)
   return _self_attention(module, a["hidden_states"], a["attention_mask"], a["layer_head_mask"],
-                         a["deterministic"], kernel)
+                         a["deterministic"], implementation)
 
 
 def interceptor_for(implementation: str):
-  """The interceptor for `implementation` ("jaxft" or "kernel", see `implementation`)."""
-  kernel = None
-  if implementation == "kernel":
-    from jaxft.cpu import attention as cpu_attention  # chosen only where it loads
-    kernel = cpu_attention.fused_attention
-  return functools.partial(interceptor, kernel=kernel)
+  """The interceptor for `implementation` ("fused", "kernel" or "jaxft")."""
+  return functools.partial(interceptor, implementation=implementation)

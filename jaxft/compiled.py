@@ -402,7 +402,8 @@ class JitTrainStep(_TrainStep):
     self.exp = exp
     fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
                                   exp.config.train.grad_accum_steps,
-                                  dropout_rng=exp.config.train.dropout_rng)
+                                  dropout_rng=exp.config.train.dropout_rng,
+                                  nonfinite_guard=step_lib.nonfinite_guard_for(exp.platform))
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     in_shardings = (self.state_shardings, exp.frozen_shardings(),
                     parallel.batch_sharding(exp.mesh))
@@ -439,7 +440,8 @@ class PmapTrainStep(_TrainStep):
     fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
                                   exp.config.train.grad_accum_steps,
                                   reduce_axis=parallel.PMAP_AXIS,
-                                  dropout_rng=exp.config.train.dropout_rng)
+                                  dropout_rng=exp.config.train.dropout_rng,
+                                  nonfinite_guard=step_lib.nonfinite_guard_for(exp.platform))
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._programs = WidthPrograms(fn, transform=jax.pmap, axis_name=parallel.PMAP_AXIS,
                                    in_axes=(0, 0, 0), donate_argnums=(0,))

@@ -41,10 +41,11 @@ DEFAULT_SELECTION = {
     "mlm": ("perplexity", "min"),
 }
 POOLINGS = ("default", "mean")
-ATTENTIONS = ("auto", "kernel", "jaxft", "hf")  # jaxft.attention.implementation
+ATTENTIONS = ("auto", "fused", "kernel", "jaxft", "hf")  # jaxft.attention.implementation
 DATA_FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "conll", "text", "dataset")
 LR_SCHEDULES = ("linear", "cosine", "constant")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+ACCELERATORS = ("gpu", "tpu")  # JAX platform names whose defaults differ from the CPU's
 DROPOUT_RNGS = ("hash", "threefry")  # jaxft.hash_rng
 PEFT_METHODS = ("none", "lora", "bitfit", "freeze")
 PARALLEL_MODES = ("jit", "pmap")
@@ -107,10 +108,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pooling = "default"
   c.model.trust_remote_code = False
   # Self-attention of BERT-family models (jaxft.attention), all with Hugging Face's values:
-  # "kernel" (a fused C++ kernel for the CPU, in jaxft/cpu/, built on first use), "jaxft" (JAX
-  # with a backward pass in the form XLA's CPU backend runs fast), "hf" (Hugging Face's code as
-  # is), or "auto": the kernel on the CPU where it builds (else jaxft), Hugging Face's on GPU/TPU.
+  # "fused" (jax.nn.dot_product_attention: cuDNN on NVIDIA GPUs where dtype and head size
+  # allow, XLA elsewhere; no dropout on the probabilities), "kernel" (a fused C++ kernel for the
+  # CPU, in jaxft/cpu/, built on first use), "jaxft" (JAX with a backward pass in the form
+  # XLA's CPU backend runs fast), "hf" (Hugging Face's code as is), or "auto": fused on GPU and
+  # TPU; on the CPU the kernel where it builds (else jaxft).
   c.model.attention = "auto"
+  # Dropout on the attention probabilities; None: 0.0 where the fused path runs (its kernels
+  # have none), the checkpoint's own value (attention_probs_dropout_prob) elsewhere. A value
+  # above 0 with the fused path trains through the jaxft path (eval still fused).
+  c.model.attention_dropout = config_dict.placeholder(float)
 
   c.data = ml_collections.ConfigDict()
   c.data.train_file = config_dict.placeholder(str)
@@ -163,7 +170,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # steps between evaluations; 0 = once per epoch (and always at the end)
   c.train.log_every = 10
   c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
-  c.train.compute_dtype = "float32"
+  # "auto": bfloat16 on GPU and TPU, float32 on the CPU (resolved at start, recorded in
+  # config.json). Parameters and optimizer state stay float32; logits and loss are float32.
+  c.train.compute_dtype = "auto"
   # Dropout masks: "hash" (a counter hash fused into the dropout multiply, never materialised)
   # or "threefry" (JAX's default generator, whose bits are costly on CPUs). See jaxft/hash_rng.py.
   c.train.dropout_rng = "hash"
@@ -196,7 +205,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 0  # steps between saves; 0 = at every evaluation (and at the end)
-  c.checkpoint.keep_latest = 1
+  # Two, so that a newest checkpoint damaged by a crash mid-write leaves one to resume from.
+  c.checkpoint.keep_latest = 2
   c.checkpoint.keep_best = 1
   # The model-selection metric (best checkpoint, early stopping); None = the task's default:
   # accuracy, pearson, micro_f1, f1 (entities) or perplexity (mlm, mode min).
@@ -248,6 +258,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(0.0 < c.task.mlm_probability < 1.0, "config task.mlm_probability must be in (0, 1)")
   _one_of("model.pooling", c.model.pooling, POOLINGS)
   _one_of("model.attention", c.model.attention, ATTENTIONS)
+  _check(c.model.attention_dropout is None or 0.0 <= c.model.attention_dropout < 1.0,
+         f"config model.attention_dropout={c.model.attention_dropout} must be in [0, 1)")
   _check(c.model.pooling == "default" or kind in SEQUENCE_KINDS,
          f"config model.pooling={c.model.pooling} pools a sentence into one vector; "
          f"task.kind={kind} predicts per token: use model.pooling=default")
@@ -373,6 +385,13 @@ def replace(c: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_colle
       target[name] = ml_collections.ConfigDict(value) if isinstance(value, Mapping) else value
   out.lock()
   return out
+
+
+def compute_dtype_for(configured: str, platform: str) -> str:
+  """The compute dtype `train.compute_dtype` means on JAX platform `platform`."""
+  if configured != "auto":
+    return configured
+  return "bfloat16" if platform in ACCELERATORS else "float32"
 
 
 def with_task_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

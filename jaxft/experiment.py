@@ -2,8 +2,9 @@
 the resolved config, and the state's shapes and shardings.
 
 `build` reads everything once and returns an `Experiment`; its `config` is the resolved one
-(label names, bucket lengths and the selection metric filled in), which train writes to
-config.json so that evaluation, prediction and resume see what the run used.
+(label names, bucket lengths, the selection metric, and the platform's compute dtype and
+attention dropout filled in), which train writes to config.json so that evaluation,
+prediction and resume see what the run used.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Experiment:
   trainable_init: dict  # the initial trainable tree (all params, or LoRA factors + head, ...)
   frozen_init: dict  # the rest of the pretrained params: never differentiated or checkpointed
   logits: Callable  # (params, batch, rng, train) -> logits over the combined tree
+  platform: str  # the JAX platform whose defaults it took ("cpu", "gpu", "tpu")
   train_data: Optional[Encoded] = None
   _frozen_on_devices: Optional[dict] = None
 
@@ -144,11 +146,13 @@ class Experiment:
 
 
 def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool = True,
-          devices: Optional[Sequence] = None) -> Experiment:
+          devices: Optional[Sequence] = None, platform: Optional[str] = None) -> Experiment:
   """Loads tokenizer, training data (which fixes the label names), model and mesh for `config`;
   the experiment's config is `config` resolved (see the module doc); `config` is not changed.
 
-  `devices` (default: all) lets a caller run on a subset, e.g. one device in a test.
+  `devices` (default: all) lets a caller run on a subset, e.g. one device in a test;
+  `platform` (default: JAX's backend) chooses the platform defaults: compute dtype, attention,
+  the step's non-finite guard.
   """
   config_lib.validate(config)
   config = config_lib.with_task_defaults(config)
@@ -168,10 +172,18 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
                     config.task.threshold)
   mesh = parallel.make_mesh(dict(config.parallel.mesh), devices)
   whole_arrays = mesh.devices.size == 1 or config.parallel.mode == "pmap"
+  platform = platform or jax.default_backend()
+  implementation = attention.implementation(config.model.attention, platform, whole_arrays)
+  config = config_lib.replace(config, {"train.compute_dtype": config_lib.compute_dtype_for(
+      config.train.compute_dtype, platform)})
+  dropout_rate = config.model.attention_dropout
+  if dropout_rate is None and implementation == "fused":
+    dropout_rate = 0.0  # fused kernels drop nothing: say so, rather than train another model
   model = models.load_model(model_dir, task, config.model.pooling, config.seed,
                             config.train.compute_dtype, config.model.trust_remote_code,
-                            attention.implementation(config.model.attention,
-                                                     whole_arrays=whole_arrays))
+                            implementation, dropout_rate)
+  config = config_lib.replace(config, {
+      "model.attention_dropout": models.attention_dropout(model.hf_config)})
   if task.kind == "regression" and train_data is not None:
     model = _start_at_the_mean(model, train_data.labels, config.peft.head_pattern)
   _check_model_fits(config, tokenizer, model)
@@ -190,7 +202,7 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   config = config_lib.replace(config, {"data.label_names": tuple(task.label_names) or None,
                                        "data.bucket_lengths": buckets})
   return Experiment(config, model_dir, tokenizer, task, model, mesh, buckets, trainable, frozen,
-                    logits, train_data)
+                    logits, platform, train_data)
 
 
 def _bucket_lengths(config, train_data: Optional[Encoded]) -> tuple[int, ...]:

@@ -11,6 +11,12 @@ Dropout needs independent, unbiased bits, not cryptographic ones; the tests chec
 neighbour correlation and key sensitivity. Splitting and folding keys reuse threefry on the tiny
 key words, so `split`/`fold_in` behave exactly like JAX's default. The choice is
 `train.dropout_rng` ("hash", the default, or "threefry" for JAX's own bits).
+
+The bits are those of the element's index in the whole global batch: a key carries a row
+offset (a third word), added to the leading (batch) index of 2-D and 3-D masks ([batch,
+features], [batch, length, hidden]). Under pmap each device's key holds its first global row,
+so every layout draws the masks one device would draw for the whole batch. 4-D masks
+(attention probabilities, broadcast over the batch) take no offset: they are shared.
 """
 
 from __future__ import annotations
@@ -50,8 +56,20 @@ def _as_uint32(size) -> jax.Array:
   return jnp.asarray(size).astype(jnp.uint32)
 
 
+def _global_index(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """The element's row-major index in the global batch: its index in `shape`, its rows shifted
+  by the key's row offset for batch-leading (2-D and 3-D) masks."""
+  index = _element_index(shape)
+  if 2 <= len(shape) <= 3:
+    row_size = 1
+    for dim in shape[1:]:
+      row_size = row_size * dim  # may be symbolic (a step traced for all widths)
+    index = index + key[2] * _as_uint32(row_size)
+  return index
+
+
 def _random_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
-  word = _fmix32(_fmix32(_element_index(shape) * _GOLDEN ^ key[0]) + key[1])
+  word = _fmix32(_fmix32(_global_index(key, shape) * _GOLDEN ^ key[0]) + key[1])
   if bit_width == 64:
     high = _fmix32(word ^ key[0] + _GOLDEN)
     return (high.astype(jnp.uint64) << 32) | word.astype(jnp.uint64)
@@ -59,21 +77,37 @@ def _random_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.
 
 
 def _as_threefry(key: jax.Array) -> jax.Array:
-  return jax.random.wrap_key_data(key, impl="threefry2x32")
+  return jax.random.wrap_key_data(key[..., :2], impl="threefry2x32")
+
+
+def _with_offset(threefry_data: jax.Array, key: jax.Array) -> jax.Array:
+  """Threefry key words with `key`'s row offset appended (split and fold_in keep it)."""
+  offset = jnp.broadcast_to(key[..., 2:], threefry_data.shape[:-1] + (1,))
+  return jnp.concatenate([threefry_data, offset.astype(threefry_data.dtype)], axis=-1)
+
+
+def _seed(seed) -> jax.Array:
+  data = jax.random.key_data(jax.random.key(seed, impl="threefry2x32"))
+  return jnp.concatenate([data, jnp.zeros((1,), data.dtype)])
 
 
 HASH_IMPL = jax.extend.random.define_prng_impl(
-    key_shape=(2,),
-    seed=lambda seed: jax.random.key_data(jax.random.key(seed, impl="threefry2x32")),
-    split=lambda key, shape: jax.random.key_data(jax.random.split(_as_threefry(key), shape)),
+    key_shape=(3,),  # threefry's two words, and the row offset
+    seed=_seed,
+    split=lambda key, shape: _with_offset(
+        jax.random.key_data(jax.random.split(_as_threefry(key), shape)), key),
     random_bits=_random_bits,
-    fold_in=lambda key, data: jax.random.key_data(jax.random.fold_in(_as_threefry(key), data)),
-    name="jaxft_hash32",
-    tag="hsh")
+    fold_in=lambda key, data: _with_offset(
+        jax.random.key_data(jax.random.fold_in(_as_threefry(key), data)), key),
+    name="jaxft_hash32_rows",
+    tag="hsr")
 
 
-def dropout_key(key: jax.Array, kind: str) -> jax.Array:
-  """The key the model's dropout draws from: `key` (a raw threefry key) as a `kind` key."""
+def dropout_key(key: jax.Array, kind: str, row_offset=0) -> jax.Array:
+  """The key the model's dropout draws from: `key` (a raw threefry key) as a `kind` key;
+  `row_offset`: the first global batch row of the arrays it draws for (pmap: each device's)."""
   if kind == "threefry":
     return key
-  return jax.random.wrap_key_data(jax.random.key_data(key), impl=HASH_IMPL)
+  data = jax.random.key_data(key)
+  offset = jnp.asarray(row_offset, data.dtype).reshape(1)
+  return jax.random.wrap_key_data(jnp.concatenate([data, offset]), impl=HASH_IMPL)

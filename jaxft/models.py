@@ -141,8 +141,8 @@ class Model:
   pooling: str
   model_dir: str
   hf_config: Any
-  # BERT-family self-attention: "hf" (Hugging Face's code), "jaxft" or "kernel" (through
-  # jaxft.attention, see attention.implementation)
+  # BERT-family self-attention: "hf" (Hugging Face's code), "fused", "jaxft" or "kernel"
+  # (through jaxft.attention, see attention.implementation)
   attention: str = "hf"
 
   @property
@@ -209,11 +209,25 @@ def _head_config_kwargs(task) -> dict:
   return kwargs
 
 
+# Where model configs keep the dropout on attention probabilities (BERT family; DistilBERT).
+_ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def attention_dropout(hf_config) -> Optional[float]:
+  """The model config's dropout on attention probabilities, None where it has no such field."""
+  for field in _ATTENTION_DROPOUT_FIELDS:
+    if isinstance(getattr(hf_config, field, None), (int, float)):
+      return float(getattr(hf_config, field))
+  return None
+
+
 def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str = "float32",
-               trust_remote_code: bool = False, attention_implementation: str = "hf") -> Model:
+               trust_remote_code: bool = False, attention_implementation: str = "hf",
+               attention_dropout_rate: Optional[float] = None) -> Model:
   """Loads the pretrained encoder with a fresh head for `task` (jaxft.tasks.Task);
   `attention_implementation` is what runs BERT-family self-attention
-  (jaxft.attention.implementation)."""
+  (jaxft.attention.implementation); `attention_dropout_rate`, when given, replaces the
+  checkpoint's dropout on attention probabilities."""
   _quiet_transformers()
   import transformers
   from transformers import AutoConfig
@@ -225,6 +239,10 @@ def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str
                                            **_head_config_kwargs(task))
   except Exception as e:
     fail(f"cannot read {model_dir}/config.json: {type(e).__name__}: {e}")
+  if attention_dropout_rate is not None:
+    for field in _ATTENTION_DROPOUT_FIELDS:
+      if isinstance(getattr(hf_config, field, None), (int, float)):
+        setattr(hf_config, field, float(attention_dropout_rate))
   auto_class = getattr(transformers, "FlaxAutoModel" if pooling == "mean"
                        else _AUTO_CLASSES[task.kind])
   dtype = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32

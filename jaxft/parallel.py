@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -139,44 +139,107 @@ def unreplicate(tree: Any) -> Any:
 
 
 # ---- multi-host ----------------------------------------------------------------------------------
-def _env_int(name: str) -> Optional[int]:
-  value = os.environ.get(name)
-  return int(value) if value not in (None, "") else None
+def _env_int(env: Mapping[str, str], name: str) -> Optional[int]:
+  value = env.get(name, "").strip()
+  return int(value) if value.isdigit() else None
 
 
-def wants_distributed(mode: str) -> bool:
-  if mode == "on":
-    return True
-  if mode == "off":
-    return False
-  # auto: an explicit coordinator, a multi-task SLURM job, or a multi-worker TPU slice.
-  slurm_tasks = _env_int("SLURM_NTASKS") or 1
-  tpu_workers = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return bool(os.environ.get("JAXFT_COORDINATOR_ADDRESS")) or slurm_tasks > 1 or "," in tpu_workers
+def wants_distributed(mode: str, env: Mapping[str, str] = os.environ) -> bool:
+  """Whether to start jax.distributed: "on", "off", or in "auto" mode when this process really
+  is one of several: an explicit coordinator, an srun step of several tasks (not a bare
+  SLURM_NTASKS: a script started directly inside `salloc -n 8` or an sbatch allocation is one
+  process), or a multi-worker TPU slice."""
+  if mode in ("on", "off"):
+    return mode == "on"
+  return (bool(env.get("JAXFT_COORDINATOR_ADDRESS"))
+          or (_env_int(env, "SLURM_STEP_NUM_TASKS") or 1) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
-def initialize_distributed(mode: str, coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
-  """Starts jax.distributed when asked (or, in auto mode, when the environment says so).
+def _expand_slurm_counts(text: str) -> list[int]:
+  """SLURM's per-node counts, "2(x3),1" -> [2, 2, 2, 1]."""
+  counts = []
+  for part in filter(None, text.split(",")):
+    value, _, repeat = part.partition("(x")
+    counts += [int(value)] * (int(repeat.rstrip(")")) if repeat else 1)
+  return counts
 
-  Arguments left unset come from JAXFT_COORDINATOR_ADDRESS, JAXFT_NUM_PROCESSES and
-  JAXFT_PROCESS_ID; when those are unset too, JAX detects SLURM and Cloud TPU by itself.
-  """
-  if not wants_distributed(mode) or _distributed_started():
+
+def _slurm_tasks_on_this_node(env: Mapping[str, str]) -> int:
+  counts = _expand_slurm_counts(env.get("SLURM_STEP_TASKS_PER_NODE", "")
+                                or env.get("SLURM_TASKS_PER_NODE", ""))
+  node = _env_int(env, "SLURM_NODEID") or 0
+  if counts:
+    return counts[min(node, len(counts) - 1)]
+  return _env_int(env, "SLURM_NTASKS_PER_NODE") or 1
+
+
+def _visible_gpus(env: Mapping[str, str], device_dir: str = "/dev") -> Optional[int]:
+  """How many NVIDIA GPUs this process may use, from the environment SLURM sets, else the
+  device files; None where there are none to tell of."""
+  visible = env.get("CUDA_VISIBLE_DEVICES")
+  if visible is not None and visible != "NoDevFiles":
+    return len([d for d in visible.split(",") if d.strip()])
+  for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+    if env.get(name):
+      return len([d for d in env[name].split(",") if d.strip()])
+  if _env_int(env, "SLURM_GPUS_ON_NODE"):
+    return _env_int(env, "SLURM_GPUS_ON_NODE")
+  try:
+    count = sum(1 for n in os.listdir(device_dir) if n.startswith("nvidia") and n[6:].isdigit())
+  except OSError:
+    count = 0
+  return count or None
+
+
+def slurm_local_device_ids(env: Mapping[str, str], device_dir: str = "/dev"
+                           ) -> Optional[list[int]]:
+  """The local GPUs this SLURM task should drive. JAX alone takes [SLURM_LOCALID]: one GPU per
+  task, wrong both for one task per node (it would drive 1 GPU of 8) and for tasks bound to
+  their own GPUs (each sees its GPU as 0). None leaves JAX's choice (no GPUs, or a layout this
+  cannot tell)."""
+  visible = _visible_gpus(env, device_dir)
+  if not visible:
+    return None
+  tasks_here = _slurm_tasks_on_this_node(env)
+  if tasks_here == 1 or env.get("SLURM_GPUS_PER_TASK") or visible < tasks_here:
+    return list(range(visible))  # every GPU this task sees is its own
+  if visible % tasks_here == 0:  # all tasks see all GPUs: each takes its share
+    share, local = visible // tasks_here, _env_int(env, "SLURM_LOCALID") or 0
+    return list(range(local * share, (local + 1) * share))
+  return None
+
+
+def distributed_arguments(env: Mapping[str, str] = os.environ) -> dict:
+  """jax.distributed.initialize's arguments from the environment: JAXFT_COORDINATOR_ADDRESS,
+  JAXFT_NUM_PROCESSES and JAXFT_PROCESS_ID where set; else, in an srun step, SLURM's task count
+  and id and this task's GPUs (the coordinator JAX derives from the step's first node); else
+  nothing, and JAX detects Cloud TPU by itself."""
+  if env.get("JAXFT_COORDINATOR_ADDRESS"):
+    return {"coordinator_address": env["JAXFT_COORDINATOR_ADDRESS"],
+            "num_processes": _env_int(env, "JAXFT_NUM_PROCESSES"),
+            "process_id": _env_int(env, "JAXFT_PROCESS_ID")}
+  if _env_int(env, "SLURM_STEP_NUM_TASKS") is not None and "SLURM_PROCID" in env:
+    return {"num_processes": _env_int(env, "SLURM_STEP_NUM_TASKS"),
+            "process_id": _env_int(env, "SLURM_PROCID"),
+            "local_device_ids": slurm_local_device_ids(env)}
+  return {}
+
+
+def initialize_distributed(mode: str, env: Mapping[str, str] = os.environ) -> None:
+  """Starts jax.distributed when asked (or, in auto mode, when the environment says so), with
+  `distributed_arguments`."""
+  if not wants_distributed(mode, env) or _distributed_started():
     return
-  coordinator_address = coordinator_address or os.environ.get("JAXFT_COORDINATOR_ADDRESS")
-  num_processes = num_processes if num_processes is not None else _env_int("JAXFT_NUM_PROCESSES")
-  process_id = process_id if process_id is not None else _env_int("JAXFT_PROCESS_ID")
+  arguments = distributed_arguments(env)
   # CPU processes need a collectives implementation; GPU and TPU backends ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**arguments)
   except (RuntimeError, ValueError) as e:
-    fail(f"cannot start jax.distributed (coordinator {coordinator_address}, {num_processes} "
-         f"processes, this is {process_id}): {e}; check the coordinator address and that every "
-         "process was started")
+    described = ", ".join(f"{k}={v}" for k, v in arguments.items()) or "detected by JAX"
+    fail(f"cannot start jax.distributed ({described}): {e}; check the coordinator address and "
+         "that every process was started")
 
 
 def _distributed_started() -> bool:

@@ -39,9 +39,24 @@ def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dic
           "rng": jax.random.PRNGKey(seed)}
 
 
+NONFINITE_GUARDS = ("cond", "select")
+
+
+def nonfinite_guard_for(platform: str) -> str:
+  """How a step keeps parameters and optimizer state when its gradient is not finite.
+
+  On the CPU a lax.cond around the update: a select per leaf made XLA:CPU copy the whole
+  optimizer state every step. On GPU and TPU a select fused into the update: a conditional
+  there copies its predicate to the host and blocks every step (and splits the step's command
+  buffer on GPUs).
+  """
+  return "cond" if platform == "cpu" else "select"
+
+
 def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int,
-                    reduce_axis: Optional[str] = None, dropout_rng: str = "hash"):
+                    reduce_axis: Optional[str] = None, dropout_rng: str = "hash",
+                    nonfinite_guard: str = "cond"):
   """Returns train_step(state, frozen, batch) -> (state, metrics); jit it with donation.
 
   `loss_fn(logits, batch)` is the task's (jaxft.tasks): a summed loss and the summed weight it
@@ -57,30 +72,41 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
   over the whole batch.
 
   `dropout_rng` picks the generator of dropout masks (jaxft.hash_rng: "hash" is a fused
-  counter hash, "threefry" JAX's default); the state always keeps a threefry key.
-  """
+  counter hash, "threefry" JAX's default); the state always keeps a threefry key. With "hash",
+  masks are a function of the global example and position, so pmap draws what jit draws.
 
-  def summed_loss(params, frozen, micro, rng):
-    logits = logits_fn(combine(params, frozen), micro, hash_rng.dropout_key(rng, dropout_rng), True)
-    return loss_fn(logits, micro)
+  `nonfinite_guard` ("cond" or "select", see `nonfinite_guard_for`): how a step whose loss or
+  gradient is not finite leaves the state as it was.
+  """
+  if nonfinite_guard not in NONFINITE_GUARDS:
+    raise ValueError(f"nonfinite_guard={nonfinite_guard!r}; use one of {NONFINITE_GUARDS}")
+
+  def summed_loss(params, frozen, micro, rng, row_offset):
+    key = hash_rng.dropout_key(rng, dropout_rng, row_offset)
+    return loss_fn(logits_fn(combine(params, frozen), micro, key, True), micro)
 
   # Differentiates the trainable `params` only (argument 0); `frozen` is a constant.
   loss_and_grads = jax.value_and_grad(summed_loss, has_aux=True)
 
   def train_step(state: dict, frozen: dict, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    if reduce_axis is not None:  # each pmap device draws its own dropout masks
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(reduce_axis))
+    row_offset = 0
+    if reduce_axis is not None:
+      if dropout_rng == "hash":  # this device's rows of the global batch: jit's masks
+        row_offset = jax.lax.axis_index(reduce_axis) * batch["input_ids"].shape[0]
+      else:  # threefry cannot draw by global position: each device draws its own masks
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(reduce_axis))
     batch = {k: batch[k] for k in TRAIN_INPUTS if k in batch}
     if grad_accum_steps == 1:
-      (loss, weight), grads = loss_and_grads(state["params"], frozen, batch, rng)
+      (loss, weight), grads = loss_and_grads(state["params"], frozen, batch, rng, row_offset)
     else:
       micro = jax.tree_util.tree_map(
           lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
       def accumulate(carry, xs):
         i, mb = xs
-        (l, w), g = loss_and_grads(state["params"], frozen, mb, jax.random.fold_in(rng, i))
+        (l, w), g = loss_and_grads(state["params"], frozen, mb, jax.random.fold_in(rng, i),
+                                   row_offset)
         acc_l, acc_w, acc_g = carry
         return (acc_l + l, acc_w + w, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
 
@@ -95,8 +121,7 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were; the loop
-    # then stops or skips (train.nonfinite). lax.cond, not a select per leaf: selecting between
-    # new and old state made XLA:CPU copy all of the optimizer state every step.
+    # then stops or skips (train.nonfinite).
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -107,8 +132,13 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
     def keep(grads, opt_state, params):
       return params, opt_state
 
-    params, opt_state = jax.lax.cond(finite, update, keep, grads, state["opt_state"],
-                                     state["params"])
+    if nonfinite_guard == "cond":
+      params, opt_state = jax.lax.cond(finite, update, keep, grads, state["opt_state"],
+                                       state["params"])
+    else:
+      new = update(grads, state["opt_state"], state["params"])
+      params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new,
+                                                 (state["params"], state["opt_state"]))
     metrics = {"loss": loss / denom, "grad_norm": grad_norm,
                "learning_rate": schedule(state["step"]), "examples": examples,
                "tokens": tokens, "finite": finite}

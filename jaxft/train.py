@@ -60,13 +60,34 @@ def _prepare_workdir(workdir: str) -> None:
     fail(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir")
 
 
+# Keys whose unset value ("auto", None) the platform decides at start: a run resumed on
+# another platform keeps what config.json recorded, so it goes on training the same model.
+_PLATFORM_CHOICES = {"train.compute_dtype": "auto", "model.attention_dropout": None}
+
+
+def _saved_config(workdir: str):
+  """The resolved config the run in `workdir` recorded, or None."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return config_lib.from_json(f.read())
+
+
+def _with_recorded_platform_choices(config, saved):
+  """`config` with the platform's choices of the run being resumed, where it leaves them open."""
+  if saved is None:
+    return config
+  values = {key: _lookup(saved, key) for key, unset in _PLATFORM_CHOICES.items()
+            if _lookup(config, key) == unset}
+  return config_lib.replace(config, values)
+
+
 def _check_resume_compatible(workdir: str, config, exp, ckpts: Checkpoints) -> None:
   """A workdir holding another run's checkpoints must not be silently continued or overwritten."""
-  path = os.path.join(workdir, "config.json")
-  if not ckpts.steps() or not os.path.exists(path):
+  saved = _saved_config(workdir)
+  if not ckpts.steps() or saved is None:
     return
-  with open(path) as f:
-    saved = config_lib.from_json(f.read())
   for key in _RESUME_KEYS:
     if _lookup(saved, key) != _lookup(config, key):
       fail(f"{workdir} holds checkpoints of a run with {key}={_lookup(saved, key)!r}, not "
@@ -245,10 +266,12 @@ def _is_better(value: float, best: Optional[float], mode: str) -> bool:
   return best is None or (value > best if mode == "max" else value < best)
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[str] = None
+                       ) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics.
 
-  `devices` (default: all) restricts the run to some devices, e.g. one device in a test.
+  `devices` (default: all) restricts the run to some devices, e.g. one device in a test;
+  `platform` (default: JAX's backend) picks the platform defaults (jaxft.experiment.build).
   """
   parallel.initialize_distributed(config.parallel.distributed)
   runtime.configure_jax()
@@ -256,7 +279,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   parallel.check_shared_directory(os.path.join(workdir, "checkpoints"))
 
   # ---- data and model ----------------------------------------------------------------------
-  exp = experiment.build(config, devices=devices)
+  config = _with_recorded_platform_choices(config, _saved_config(workdir))
+  exp = experiment.build(config, devices=devices, platform=platform)
   config = exp.config  # resolved: what config.json records and the rest of the run uses
   t, k = config.train, config.checkpoint
   train_data = exp.train_data

@@ -13,10 +13,10 @@ from jaxft import attention
 from jaxft.cpu import attention as cpu_attention, native
 from jaxft.errors import UserError
 
-PATHS = ("jaxft", "kernel")
+PATHS = ("jaxft", "kernel")  # the paths with dropout; "fused" has its own tests
 
 
-def _tiny(family: str, dtype=jnp.float32):
+def _tiny(family: str, dtype=jnp.float32, attention_dropout: float = 0.2):
   """A random 2-layer sequence classifier of a BERT-family architecture, with dropout on; 4
   heads of depth 16 (the kernel takes depths that are multiples of 16)."""
   import transformers
@@ -24,7 +24,7 @@ def _tiny(family: str, dtype=jnp.float32):
   config = config_class(vocab_size=120, hidden_size=64, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=48,
                         max_position_embeddings=64, hidden_dropout_prob=0.1,
-                        attention_probs_dropout_prob=0.2, num_labels=3,
+                        attention_probs_dropout_prob=attention_dropout, num_labels=3,
                         **({"embedding_size": 64} if family == "Electra" else {}))
   model_class = getattr(transformers, f"Flax{family}ForSequenceClassification")
   return model_class(config, seed=0, dtype=dtype)
@@ -39,7 +39,7 @@ def _batch(batch=3, length=11):
 
 
 def _loss_and_grads(model, ids, mask, path: str, train: bool = True):
-  """Loss and gradients with self-attention by `path`: "hf", "jaxft" or "kernel"."""
+  """Loss and gradients with self-attention by `path`: "hf", "fused", "jaxft" or "kernel"."""
   def loss(params):
     def logits():
       return model(ids, mask, params=params, dropout_rng=jax.random.PRNGKey(7), train=train).logits
@@ -232,11 +232,43 @@ def test_kernel_under_a_symbolic_length():
     np.testing.assert_allclose(grad, grad_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["Bert", "Roberta", "Electra"])
+def test_fused_path_gives_hugging_faces_values_and_gradients(family):
+  """jax.nn.dot_product_attention (its XLA implementation here, on the CPU), attention dropout
+  off as on the fused path, hidden dropout on; padded rows included."""
+  model = _tiny(family, attention_dropout=0.0)
+  ids, mask = _batch()
+  attention.fused_implementations.clear()
+  for train in (True, False):
+    loss_hf, grads_hf = _loss_and_grads(model, ids, mask, "hf", train=train)
+    loss, grads = _loss_and_grads(model, ids, mask, "fused", train=train)
+    np.testing.assert_allclose(loss, loss_hf, rtol=1e-6)
+    flat_hf, flat = jax.tree_util.tree_leaves(grads_hf), jax.tree_util.tree_leaves(grads)
+    worst = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(flat_hf, flat))
+    largest = max(float(jnp.max(jnp.abs(a))) for a in flat_hf)
+    assert largest > 0.1 and worst < 1e-5 * largest, (worst, largest)
+  assert attention.fused_implementations == {"xla"}  # cuDNN is for GPUs only
+
+
+def test_fused_path_drops_attention_through_the_jax_path(fast_path_calls):
+  """Fused kernels have no dropout on probabilities: a training call that must drop takes the
+  JAX path (Hugging Face's masks), an evaluation call stays fused."""
+  model = _tiny("Bert", attention_dropout=0.2)
+  ids, mask = _batch()
+  loss_hf, _ = _loss_and_grads(model, ids, mask, "hf", train=True)
+  loss, _ = _loss_and_grads(model, ids, mask, "fused", train=True)
+  assert len(fast_path_calls) == 2
+  np.testing.assert_allclose(loss, loss_hf, rtol=1e-6)
+  _loss_and_grads(model, ids, mask, "fused", train=False)
+  assert len(fast_path_calls) == 2
+
+
 def test_implementation_by_platform_and_build(monkeypatch, capsys):
   cpu_attention.targets()  # buildable here (CI and this machine have a C++ compiler)
   assert attention.implementation("auto", "cpu") == "kernel"
-  assert attention.implementation("auto", "gpu") == "hf"
-  assert attention.implementation("auto", "tpu") == "hf"
+  assert attention.implementation("auto", "gpu") == "fused"
+  assert attention.implementation("auto", "tpu") == "fused"
+  assert attention.implementation("fused", "cpu") == "fused"
   assert attention.implementation("jaxft", "gpu") == "jaxft"
   assert attention.implementation("hf", "cpu") == "hf"
   # a multi-device jit program would gather the kernel's operands: the JAX path there

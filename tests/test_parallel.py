@@ -1,4 +1,5 @@
-"""Device layouts give the same training: 1 device, data/FSDP/tensor meshes, pmap, 2 processes.
+"""Device layouts give the same training, dropout on: 1 device, data/FSDP/tensor meshes, pmap,
+2 processes.
 
 Each check runs in a subprocess, because the number of CPU devices is fixed when JAX starts.
 """
@@ -26,10 +27,15 @@ def _max_relative_difference(a, b):
 
 
 @pytest.fixture(scope="module")
-def layout_runs(tmp_path_factory, tiny_model_dir, sentiment_files):
+def layout_runs(tmp_path_factory, minilm_dir, sentiment_files):
+  """Every layout trains the tiny model with dropout on (0.1, hidden and attention): masks are
+  a function of the global example and position, so each layout must give one device's
+  losses, pmap included."""
+  from conftest import make_tiny_model
   out = tmp_path_factory.mktemp("layouts")
+  dropping = make_tiny_model(out / "tiny_dropout", minilm_dir, dropout=0.1)
   cmd = [sys.executable, os.path.join(REPO, "tests", "parallel_losses.py"),
-         f"--model={tiny_model_dir}", f"--train={sentiment_files[0]}",
+         f"--model={dropping}", f"--train={sentiment_files[0]}",
          f"--dev={sentiment_files[1]}", f"--out={out}/results.json", f"--workdir={out}",
          "--steps=36", "--memory", *[f"--layout={l}" for l in LAYOUTS],
          "--eval_layouts=e1:jit:1", "--eval_layouts=e8:jit:8:data=8"]
@@ -114,16 +120,29 @@ def _launch(procs, devices, config, workdir):
   raise AssertionError("\n---\n".join(errors))
 
 
+def _srun(ntasks: int, devices: int, config: str, workdir: str) -> str:
+  """Two processes started as srun starts the tasks of a step (tests/fake_srun.py): jaxft
+  finds them from SLURM's variables alone (parallel.distributed=auto)."""
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "fake_srun.py"),
+                           f"--ntasks={ntasks}", f"--cpu_devices={devices}", "--",
+                           sys.executable, "-m", "jaxft.train", f"--config={config}",
+                           f"--workdir={workdir}"], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir, sentiment_files):
+  """Two SLURM tasks of 4 CPU devices each (through a stand-in for srun) against one process
+  of 8 devices (launch/local.sh): the same losses."""
   config = write_config_file(tmp_path / "tiny.py", tiny_model_dir, *sentiment_files,
                              warmup_ratio=0.0, num_train_steps=24)
-  runs = {}
-  for name, procs, devices in (("two_by_four", "2", "4"), ("one_by_eight", "1", "8")):
-    runs[name] = _launch(procs, devices, config, str(tmp_path / name))
+  runs = {"two_by_four": _srun(2, 4, config, str(tmp_path / "two_by_four")),
+          "one_by_eight": _launch("1", "8", config, str(tmp_path / "one_by_eight"))}
   losses = {n: [r["loss"] for r in read_metrics(w, "train")] for n, w in runs.items()}
   assert len(losses["two_by_four"]) == 24
   assert _max_relative_difference(losses["one_by_eight"], losses["two_by_four"]) < 1e-4
-  assert sorted(os.listdir(os.path.join(runs["two_by_four"], "checkpoints"))) == ["24"]
+  assert "24" in os.listdir(os.path.join(runs["two_by_four"], "checkpoints"))
 
   # The two-process checkpoint, evaluated by one process on one device.
   trained = read_metrics(runs["two_by_four"], "validation")[-1]
@@ -184,3 +203,50 @@ def test_preempting_one_host_saves_the_same_step_on_every_host(tmp_path, tiny_mo
   assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
   assert f"resumed from step {step}" in outputs[0]
   assert [r["step"] for r in read_metrics(workdir, "train")][-1] == 150
+
+
+def _slurm(**values) -> dict:
+  """The variables srun sets in a task, for a job on GPU nodes."""
+  env = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NODEID": "0"}
+  env.update({k: str(v) for k, v in values.items()})
+  return env
+
+
+@pytest.mark.parametrize("name, env, expected", [
+    ("one task per GPU, each bound to its GPU (--gpus-per-task=1)",
+     _slurm(SLURM_STEP_NUM_TASKS=16, SLURM_PROCID=11, SLURM_LOCALID=3,
+            SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_NODEID=1, SLURM_GPUS_PER_TASK=1,
+            CUDA_VISIBLE_DEVICES="3"),
+     {"num_processes": 16, "process_id": 11, "local_device_ids": [0]}),
+    ("one task per GPU, every task sees the node's 8 GPUs",
+     _slurm(SLURM_STEP_NUM_TASKS=16, SLURM_PROCID=11, SLURM_LOCALID=3,
+            SLURM_STEP_TASKS_PER_NODE="8(x2)", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7"),
+     {"num_processes": 16, "process_id": 11, "local_device_ids": [3]}),
+    ("one task per node with its 8 GPUs",
+     _slurm(SLURM_STEP_NUM_TASKS=2, SLURM_PROCID=1, SLURM_LOCALID=0,
+            SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_STEP_GPUS="0,1,2,3,4,5,6,7"),
+     {"num_processes": 2, "process_id": 1, "local_device_ids": list(range(8))}),
+])
+def test_slurm_layouts_give_jax_the_right_processes_and_devices(name, env, expected, tmp_path):
+  from jaxft import parallel
+  assert parallel.wants_distributed("auto", env), name
+  assert parallel.distributed_arguments(env) == expected, name
+
+
+def test_a_single_process_inside_a_multi_task_allocation_stays_alone(tmp_path):
+  """A script started directly inside `salloc -n 8` (or an sbatch batch step) sees
+  SLURM_NTASKS=8 but is one process: starting jax.distributed would wait for 7 more forever."""
+  from jaxft import parallel
+  salloc = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NODELIST": "gpu01"}
+  assert not parallel.wants_distributed("auto", salloc)
+  batch_step = {**salloc, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "1"}
+  assert not parallel.wants_distributed("auto", batch_step)
+  assert parallel.wants_distributed("on", salloc) and not parallel.wants_distributed("off", {
+      "JAXFT_COORDINATOR_ADDRESS": "h:1"})
+  # The node's GPUs from its device files where SLURM says nothing of them.
+  (tmp_path / "nvidia0").touch()
+  (tmp_path / "nvidia1").touch()
+  (tmp_path / "nvidiactl").touch()
+  assert parallel.slurm_local_device_ids({"SLURM_STEP_TASKS_PER_NODE": "1"},
+                                         device_dir=str(tmp_path)) == [0, 1]
+  assert parallel.slurm_local_device_ids({}, device_dir=str(tmp_path / "none")) is None
