@@ -13,6 +13,7 @@ Where things live:
   compiled.py    the compiled steps: jit/pmap, shardings, per-width programs, program cache
   parallel.py    device mesh, shardings, putting host batches on devices, multi-host
   checkpoint.py  orbax checkpoints: save, best/latest, restore onto any mesh
+  storage.py     the run's files, local or gs:// alike
   inference.py   restoring for evaluation, loading exports, the predictor
   metrics.py     task metrics and metric writers (metrics.jsonl, TensorBoard)
   experiment.py  what train and inference share: model, data and state for one config

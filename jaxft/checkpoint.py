@@ -21,11 +21,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxft import storage
 from jaxft.errors import UserError, fail
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+  return storage.absolute(storage.join(workdir, "checkpoints"))
 
 
 class Checkpoints:
@@ -37,7 +38,9 @@ class Checkpoints:
     self._writing: Optional[int] = None  # the step of an async save that may be in flight
     drop_closed_loop_tracebacks()
     directory = checkpoint_dir(workdir)
-    if read_only and not os.path.isdir(directory):
+    if storage.is_remote(directory):
+      storage.configure_remote_files()  # before orbax opens the file system
+    if read_only and not storage.isdir(directory):
       fail(f"{workdir} holds no checkpoints (no {directory}); train first with "
            f"`python -m jaxft.train --workdir={workdir} ...`")
     metric = self.best_metric
@@ -169,10 +172,11 @@ class Checkpoints:
     """Renames a damaged step folder (kept for inspection, never deleted) so that orbax no longer
     lists it and the step can be saved again."""
     import time
-    source = os.path.join(str(self._manager.directory), str(step))
-    target = os.path.join(str(self._manager.directory), f"damaged-{step}-{int(time.time())}")
-    if jax.process_index() == 0 and os.path.exists(source):
-      os.rename(source, target)
+    directory = str(self._manager.directory)
+    source = storage.join(directory, str(step))
+    target = storage.join(directory, f"damaged-{step}-{int(time.time())}")
+    if jax.process_index() == 0 and storage.exists(source):
+      storage.rename(source, target)
     self._manager.reload()
     return target
 

@@ -11,14 +11,13 @@ if __name__ == "__main__":  # `python -m jaxft.evaluate`: start-up comes before 
   runtime.start_process()
 
 import json
-import os
 import sys
 from typing import Optional
 
 import jax
 from absl import flags
 
-from jaxft import inference, metrics as metrics_lib, parallel, runtime
+from jaxft import inference, metrics as metrics_lib, parallel, runtime, storage
 from jaxft.errors import fail
 from jaxft.metrics import scalars
 
@@ -47,11 +46,10 @@ def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validat
 def _write_evaluation(workdir: str, record: dict, exp, outputs: dict, data) -> None:
   """eval/<split>-step<N>.json and the per-example predictions beside it. A workdir that cannot
   be written (read-only storage) only costs these files: the metrics are printed above."""
-  out = os.path.join(workdir, "eval", f"{record['split']}-step{record['step']}.json")
+  out = storage.join(workdir, "eval", f"{record['split']}-step{record['step']}.json")
   try:
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-      json.dump(record, f, indent=2)
+    storage.makedirs(storage.parent(out))
+    storage.write_text(out, json.dumps(record, indent=2))
     if exp.task.kind != "mlm":  # per-example predictions, for error analysis
       inference.write_records(inference.prediction_records(exp.task, outputs, data),
                               out.replace(".json", "-predictions.jsonl"), exp.task.kind)

@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 from flax import serialization, traverse_util
 
-from jaxft import config as config_lib, inference, models, peft, runtime
+from jaxft import config as config_lib, inference, models, peft, runtime, storage
 from jaxft.errors import fail
 
 FORMATS = ("hf", "peft")
@@ -123,13 +123,13 @@ def export(workdir: str, output: str, fmt: str, which: str = "best") -> int:
     fail(f"--format={fmt!r} is not one of {list(FORMATS)}")
   runtime.configure_jax()
   exp, step, params = inference.restore(workdir, which)
-  if os.path.exists(output) and os.listdir(output):
+  if storage.listdir(output):
     fail(f"--output={output} exists and is not empty; choose a new folder")
-  os.makedirs(output, exist_ok=True)
-  if fmt == "hf":
-    export_hf(exp, params, output)
-  else:
-    export_peft(exp, params, output, exp.model_dir)
+  with storage.local_folder(output) as folder:  # a gs:// output is written here, then copied
+    if fmt == "hf":
+      export_hf(exp, params, folder)
+    else:
+      export_peft(exp, params, folder, exp.model_dir)
   print(f"exported checkpoint step {step} of {workdir} as {fmt} to {output}")
   return step
 

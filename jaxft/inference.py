@@ -15,7 +15,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxft import compiled, config as config_lib, experiment, metrics, models, parallel, tasks
+from jaxft import (compiled, config as config_lib, experiment, metrics, models, parallel,
+                   storage, tasks)
 from jaxft.checkpoint import Checkpoints
 from jaxft.data import batching, mlm
 from jaxft.data.encode import Encoded
@@ -26,11 +27,10 @@ EXPORT_CONFIG_FILE = "jaxft_config.json"  # the run's config, beside an exported
 
 # ---- weights -------------------------------------------------------------------------------
 def load_run_config(workdir: str):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     fail(f"{workdir} has no config.json; is it a jaxft workdir? (train with jaxft.train first)")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  return config_lib.from_json(storage.read_text(path))
 
 
 def _eval_mesh(config, mesh: Optional[dict], num_devices: int) -> dict:
@@ -202,7 +202,7 @@ def prediction_records(task: tasks.Task, outputs: dict, data: Encoded) -> list[d
 
 def write_records(records: Sequence[dict], path: str, kind: str) -> None:
   """JSONL, or TSV for a .tsv name (CoNLL-style word<TAB>tag for token classification)."""
-  with open(path, "w", encoding="utf-8") as f:
+  with storage.open_file(path, "w") as f:
     if not path.endswith(".tsv"):
       f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     elif kind == "token_classification":

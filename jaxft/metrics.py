@@ -4,11 +4,12 @@ writers: metrics.jsonl and TensorBoard."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Optional
 
 import numpy as np
+
+from jaxft import storage
 
 
 def classification_metrics(labels: np.ndarray, predictions: np.ndarray,
@@ -154,28 +155,26 @@ class MetricWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = storage.join(workdir, "metrics.jsonl")
     self._tb = None
     if enabled:
-      self._tb = _summary_writer_class()(os.path.join(workdir, "tb"))
+      writer_class = _summary_writer_class()  # first: it keeps tensorboardX from importing torch
+      _register_remote_event_files()
+      self._tb = writer_class(storage.join(workdir, "tb"))
 
   def truncate_after(self, step: int) -> None:
     """Drops lines logged after `step` (a resumed run logs those steps again)."""
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled or not storage.exists(self.path):
       return
-    with open(self.path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    kept = [line for line in storage.read_text(self.path).splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    storage.write_text(self.path, "".join(kept))
 
   def write(self, step: int, split: str, values: dict) -> None:
     if not self.enabled:
       return
     record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    storage.append_text(self.path, json.dumps(record) + "\n")
     for key, value in scalars(values).items():
       self._tb.add_scalar(f"{split}/{key}", float(value), int(step))
     self._tb.flush()
@@ -183,6 +182,41 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+class _RemoteEventFile:
+  """An event file at a remote URL. An object is written whole when it closes, so flushing
+  has nothing to do (and the file has no descriptor for tensorboardX to fsync)."""
+
+  def __init__(self, path: str):
+    self._file = storage.open_file(path, "wb")
+
+  def write(self, data: bytes) -> None:
+    self._file.write(data)
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    self._file.close()
+
+
+class _RemoteEventFiles:
+  """tensorboardX's writer factory for remote URLs (its own for gs:// needs
+  google-cloud-storage): event files through jaxft.storage. A remote event file becomes
+  visible when the writer closes; metrics.jsonl has every value meanwhile."""
+
+  def open(self, path: str) -> _RemoteEventFile:
+    return _RemoteEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    storage.makedirs(path)
+
+
+def _register_remote_event_files() -> None:
+  from tensorboardX import record_writer
+  for scheme in ("gs", "s3"):
+    record_writer.register_writer_factory(scheme, _RemoteEventFiles())
 
 
 def _summary_writer_class():
@@ -210,9 +244,8 @@ def _plain(value):
 
 
 def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
   return [r for r in records if split is None or r.get("split") == split]

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxft import rules as rules_lib
+from jaxft import rules as rules_lib, storage
 from jaxft.config import MESH_AXES as AXES
 from jaxft.errors import fail
 
@@ -255,15 +255,14 @@ def check_shared_directory(directory: str) -> None:
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils
-  os.makedirs(directory, exist_ok=True)
-  marker = os.path.join(directory, f".jaxft-host-{jax.process_index()}")
-  with open(marker, "w") as f:
-    f.write("ok")
+  storage.makedirs(directory)
+  marker = storage.join(directory, f".jaxft-host-{jax.process_index()}")
+  storage.write_text(marker, "ok")
   multihost_utils.sync_global_devices("jaxft: markers written")
   missing = [i for i in range(jax.process_count())
-             if not os.path.exists(os.path.join(directory, f".jaxft-host-{i}"))]
+             if not storage.exists(storage.join(directory, f".jaxft-host-{i}"))]
   multihost_utils.sync_global_devices("jaxft: markers checked")
-  os.remove(marker)
+  storage.remove(marker)
   if missing:
     fail(f"{directory} is not shared by all hosts (process {jax.process_index()} cannot see "
          f"the files of processes {missing}); put --workdir on a file system every host mounts")

@@ -21,13 +21,12 @@ if __name__ == "__main__":  # `python -m jaxft.predict`: start-up comes before J
   from jaxft import runtime
   runtime.start_process()
 
-import os
 from typing import Optional
 
 import jax
 from absl import flags
 
-from jaxft import inference, runtime
+from jaxft import inference, runtime, storage
 from jaxft.data import encode
 from jaxft.errors import fail
 
@@ -58,7 +57,7 @@ def predict(workdir: Optional[str], input_path: str, output: str, which: str = "
   outputs = inference.Predictor(exp).outputs(params, data)
   records = inference.prediction_records(exp.task, outputs, data)
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    storage.makedirs(storage.parent(output))
     inference.write_records(records, output, exp.task.kind)
     print(f"wrote {len(records)} predictions to {output}")
   return records

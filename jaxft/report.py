@@ -10,7 +10,6 @@ workdirs the curves overlay one line per run and report.md compares the runs in 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Optional
 
 from absl import flags
 
-from jaxft import config as config_lib, runtime
+from jaxft import config as config_lib, runtime, storage
 from jaxft.errors import fail
 
 CONFIG_SUMMARY_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "peft.method",
@@ -54,11 +53,10 @@ def lookup(tree: dict, dotted: str):
 
 def read_json_object(path: str) -> dict:
   """A JSON object file; {} when it is missing (older workdirs may lack run.json)."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return {}
   try:
-    with open(path, encoding="utf-8") as f:
-      value = json.load(f)
+    value = json.loads(storage.read_text(path))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     fail(f"{path} is not valid JSON ({e}); fix or delete it")
   return value if isinstance(value, dict) else {}
@@ -66,22 +64,23 @@ def read_json_object(path: str) -> dict:
 
 def read_records(workdir: str) -> list[dict]:
   """metrics.jsonl, naming the first bad line (jaxft.metrics.read_metrics would raise raw)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path) or storage.isdir(path):
     fail(f"{workdir} has no metrics.jsonl; is it a jaxft workdir (train with jaxft.train first)?")
   records = []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        fail(f"{path} line {number} is not JSON ({e.msg}); fix or delete that line")
-      if not isinstance(record, dict):
-        fail(f"{path} line {number} is not a JSON object; each line must be {{\"step\": ...}}")
-      if is_number(record.get("step")):
-        records.append(record)
+  with storage.open_file(path, "rb") as f:
+    lines = f.read().decode("utf-8", errors="replace").splitlines()
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      fail(f"{path} line {number} is not JSON ({e.msg}); fix or delete that line")
+    if not isinstance(record, dict):
+      fail(f"{path} line {number} is not a JSON object; each line must be {{\"step\": ...}}")
+    if is_number(record.get("step")):
+      records.append(record)
   return sorted(records, key=lambda r: r["step"])  # stable: equal steps keep file order
 
 
@@ -112,10 +111,13 @@ def best_record(records: list[dict], metric: str, mode: str) -> Optional[dict]:
 def best_evaluation(workdir: str, best_step) -> tuple[Optional[dict], Optional[str]]:
   """The validation eval file at the best step; else the newest one of checkpoint=best."""
   evaluations = []
-  for path in glob.glob(os.path.join(workdir, "eval", "*.json")):
+  folder = storage.join(workdir, "eval")
+  for name in storage.listdir(folder):
+    if not name.endswith(".json"):
+      continue
+    path = storage.join(folder, name)
     try:
-      with open(path, encoding="utf-8") as f:
-        record = json.load(f)
+      record = json.loads(storage.read_text(path))
     except (OSError, ValueError):
       continue  # a half-written or foreign file is not an evaluation
     if (isinstance(record, dict) and record.get("split") == "validation"
@@ -123,28 +125,27 @@ def best_evaluation(workdir: str, best_step) -> tuple[Optional[dict], Optional[s
       evaluations.append((record, path))
   at_best_step = [e for e in evaluations if best_step is not None and e[0].get("step") == best_step]
   of_best = [e for e in evaluations if str(e[0].get("checkpoint")) == "best"]
-  chosen = at_best_step or sorted(
-      of_best, key=lambda e: (e[0].get("step") if is_number(e[0].get("step")) else -1,
-                              os.path.getmtime(e[1])))
+  chosen = at_best_step or sorted(  # equal steps: file names sort as they were written
+      of_best, key=lambda e: (e[0].get("step") if is_number(e[0].get("step")) else -1, e[1]))
   return chosen[-1] if chosen else (None, None)
 
 
 def run_labels(workdirs: list[str]) -> list[str]:
   """Workdir basenames; equal ones get their parent folder, then a number if still equal."""
-  paths = [os.path.abspath(w) for w in workdirs]
-  names = [os.path.basename(p) for p in paths]
-  labels = [f"{os.path.basename(os.path.dirname(p))}/{n}" if names.count(n) > 1 else n
+  paths = [storage.absolute(w).rstrip("/") for w in workdirs]
+  names = [p.rsplit("/", 1)[-1] for p in paths]
+  labels = [f"{storage.parent(p).rsplit('/', 1)[-1]}/{n}" if names.count(n) > 1 else n
             for p, n in zip(paths, names)]
   return [f"{l} ({labels[:i].count(l) + 1})" if labels.count(l) > 1 else l
           for i, l in enumerate(labels)]
 
 
 def load_run(workdir: str, label: str) -> Run:
-  if not os.path.isdir(workdir):
+  if not storage.isdir(workdir):
     fail(f"--workdir={workdir} does not exist (or is not a directory)")
   records = read_records(workdir)
-  config = read_json_object(os.path.join(workdir, "config.json"))
-  info = read_json_object(os.path.join(workdir, "run.json"))
+  config = read_json_object(storage.join(workdir, "config.json"))
+  info = read_json_object(storage.join(workdir, "run.json"))
   metric, mode = selection_metric(config, info)
   best = best_record(records, metric, mode)
   evaluation, path = best_evaluation(workdir, best["step"] if best else None)
@@ -315,7 +316,7 @@ def format_value(value) -> str:
 
 
 def run_section(run: Run, out: str, several: bool) -> list[str]:
-  lines = [f"## {run.label}", "", f"Workdir: `{os.path.abspath(run.workdir)}`", "",
+  lines = [f"## {run.label}", "", f"Workdir: `{storage.absolute(run.workdir)}`", "",
            "| config | value |", "|---|---|"]
   lines += [f"| {key.replace('train.length', 'train.num_epochs / num_train_steps')} | "
             f"{config_value(run.config, key)} |" for key in CONFIG_SUMMARY_KEYS]
@@ -333,7 +334,7 @@ def run_section(run: Run, out: str, several: bool) -> list[str]:
               f"--workdir={run.workdir} --checkpoint=best` and rerun the report.", ""]
   else:
     plot = plot_evaluation(run, out, several)
-    relative = os.path.relpath(run.evaluation_file, run.workdir)
+    relative = run.evaluation_file[len(storage.join(run.workdir, "")):]
     lines += [f"Evaluation of the best checkpoint: `{relative}`.", ""]
     if plot:
       lines += [f"![{plot[0][:-4]}]({plot[0]})", "", plot[1], ""]
@@ -356,11 +357,10 @@ def comparison_table(runs: list[Run]) -> list[str]:
 def prepare_output(out: str) -> None:
   """Fails early, before any plotting, when `out` cannot take files."""
   try:
-    os.makedirs(out, exist_ok=True)
-    probe = os.path.join(out, ".jaxft-report-probe")
-    with open(probe, "w"):
-      pass
-    os.remove(probe)
+    storage.makedirs(out)
+    probe = storage.join(out, ".jaxft-report-probe")
+    storage.write_text(probe, "")
+    storage.remove(probe)
   except OSError as e:
     fail(f"cannot write the report to {out}: {e.strerror or e}; pass a writable --output=DIR")
 
@@ -370,23 +370,23 @@ def write_report(workdirs: list[str], out: Optional[str] = None) -> str:
   if not workdirs:
     fail("--workdir is required: a run directory written by jaxft.train")
   runs = [load_run(w, label) for w, label in zip(workdirs, run_labels(workdirs))]
-  out = out or os.path.join(workdirs[0], "report")
+  out = out or storage.join(workdirs[0], "report")
   prepare_output(out)
   several = len(runs) > 1
   lines = ["# jaxft report: " + ", ".join(run.label for run in runs), ""]
-  if several:
-    lines += comparison_table(runs)
-  for run in runs:
-    lines += run_section(run, out, several)
-  curves = plot_all_curves(runs, out)
-  if curves:
-    lines += ["## Curves", ""]
-    for name, caption in curves:
-      lines += [f"![{name[:-4]}]({name})", "", caption, ""]
-  path = os.path.join(out, "report.md")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  return path
+  with storage.local_folder(out) as folder:  # plots of a gs:// output are drawn here, copied up
+    if several:
+      lines += comparison_table(runs)
+    for run in runs:
+      lines += run_section(run, folder, several)
+    curves = plot_all_curves(runs, folder)
+    if curves:
+      lines += ["## Curves", ""]
+      for name, caption in curves:
+        lines += [f"![{name[:-4]}]({name})", "", caption, ""]
+    with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as f:
+      f.write("\n".join(lines))
+  return storage.join(out, "report.md")
 
 
 def run() -> None:

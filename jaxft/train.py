@@ -30,7 +30,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxft import (__version__, compiled, config as config_lib, experiment, inference, models,
-                   parallel, runtime)
+                   parallel, runtime, storage)
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.data import batching
 from jaxft.errors import fail
@@ -50,14 +50,13 @@ def _lookup(c, dotted: str):
 
 def _prepare_workdir(workdir: str) -> None:
   try:
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     # One probe per process: on shared storage several hosts run this at once.
-    probe = os.path.join(workdir, f".jaxft-write-test-{socket.gethostname()}-{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    probe = storage.join(workdir, f".jaxft-write-test-{socket.gethostname()}-{os.getpid()}")
+    storage.write_text(probe, "ok")
+    storage.remove(probe)
   except OSError as e:
-    fail(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir")
+    fail(f"workdir {workdir} is not writable ({e.strerror or e}); choose another --workdir")
 
 
 # Keys whose unset value ("auto", None) the platform decides at start: a run resumed on
@@ -67,11 +66,10 @@ _PLATFORM_CHOICES = {"train.compute_dtype": "auto", "model.attention_dropout": N
 
 def _saved_config(workdir: str):
   """The resolved config the run in `workdir` recorded, or None."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.exists(path):
     return None
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  return config_lib.from_json(storage.read_text(path))
 
 
 def _with_recorded_platform_choices(config, saved):
@@ -100,8 +98,7 @@ def _check_resume_compatible(workdir: str, config, exp, ckpts: Checkpoints) -> N
 def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int) -> None:
   if jax.process_index() != 0:
     return
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config_lib.to_json(config))
+  storage.write_text(storage.join(workdir, "config.json"), config_lib.to_json(config))
   info = {"jaxft_version": __version__, "model_dir": exp.model_dir,
           "model_fingerprint": fingerprint, "task": config.task.kind,
           "label_names": list(exp.label_names), "best_metric": config.checkpoint.best_metric,
@@ -111,8 +108,7 @@ def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int
           "train_examples": len(exp.train_data), "devices": jax.device_count(),
           "processes": jax.process_count(), "mesh": dict(exp.mesh.shape),
           "bucket_lengths": list(exp.buckets), "attention": exp.model.attention}
-  with open(os.path.join(workdir, "run.json"), "w") as f:
-    json.dump(info, f, indent=2)
+  storage.write_text(storage.join(workdir, "run.json"), json.dumps(info, indent=2))
 
 
 def _prefetch(items: Iterator, size: int = 2) -> Iterator:
@@ -276,7 +272,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
   parallel.initialize_distributed(config.parallel.distributed)
   runtime.configure_jax()
   _prepare_workdir(workdir)
-  parallel.check_shared_directory(os.path.join(workdir, "checkpoints"))
+  parallel.check_shared_directory(storage.join(workdir, "checkpoints"))
 
   # ---- data and model ----------------------------------------------------------------------
   config = _with_recorded_platform_choices(config, _saved_config(workdir))

@@ -291,7 +291,7 @@ def test_disk_that_fills_during_save(trained, tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from step 1" in again.stdout + again.stderr
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]  # keep 2
   finally:
     subprocess.run(["umount", str(disk)], capture_output=True)
 

@@ -15,6 +15,8 @@ from jaxft import compiled, experiment, train
 from jaxft.data import batching
 from jaxft.errors import UserError
 from jaxft.metrics import read_metrics
+
+from tests import exact_resume
 from tests.conftest import REPO, write_config_file
 
 
@@ -84,15 +86,27 @@ def test_sigterm_saves_the_current_step_and_the_rerun_ends_identical(
   assert train_a == train_b
 
 
-@pytest.mark.slow  # 3 min on 2 cores; `pytest -m slow`, or `python tests/exact_resume.py --kills=5`
-def test_sigkill_at_five_random_steps_resumes_bit_identical(tmp_path):
-  """tests/exact_resume.py: 5 SIGKILLs (one as an async save starts), parameters compared."""
+@pytest.mark.slow  # about 10 min on 2 cores: `pytest -m slow`
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "gcs"])
+def test_twenty_sigkills_at_random_moments_resume_bit_identical(tmp_path, remote):
+  """tests/exact_resume.py: 20 SIGKILLs at random moments (start-up, steps, during async
+  saves), on local disk and on a GCS emulator: no restore meets a damaged checkpoint, and the
+  final parameters equal an uninterrupted run's in every bit."""
+  args = ["--kills=20", "--steps=120", "--seed=1", f"--workdir={tmp_path}"]
   result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "exact_resume.py"),
-                           "--kills=5", "--steps=60", "--seed=1", f"--workdir={tmp_path}"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
-  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-  assert "BIT-IDENTICAL" in result.stdout
-  assert result.stdout.count("killed at logged step") == 5
+                           *args, *(["--remote"] if remote else [])],
+                          capture_output=True, text=True, timeout=3000, cwd=REPO)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+  assert "BIT-IDENTICAL" in result.stdout and "0 damaged checkpoints met" in result.stdout
+
+
+def test_three_sigkills_resume_bit_identical(tmp_path):
+  """The short version of the test above, on local disk (tests/test_remote_workdir.py kills a
+  run on GCS)."""
+  summary = exact_resume.check(kills=3, steps=24, seed=4, root=str(tmp_path),
+                               log=lambda _: None)
+  assert summary["identical"] and summary["damaged_restores"] == 0, summary
+  assert summary["resumes"] >= 1, summary
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous(tiny_config, tmp_path):
