@@ -22,6 +22,11 @@ It prints markdown tables and writes all numbers as JSON (`--out`). Run it on a 
 
 PEFT (`--suite=peft`): train-step time and checkpoint size of LoRA, BitFit and head-only
 training against full fine-tuning at `--batch` x `--length`.
+
+Packing (`--suite=packing`, SST-2 files required): the useful (real) tokens per second of the
+train step packed by a fixed token budget against today's bucketed step, on the same SST-2
+examples in one process, steps in turns; then end to end (as 3.) each `data.packing` mode with
+a cold cache, "tokens" also warm, and the Trainer.
 """
 
 from __future__ import annotations
@@ -368,6 +373,7 @@ def jaxft_e2e(name: str, data: dict, cache_dir: str, workdir: str, extra: tuple 
       compiles=last["compiles"], compile_s=last["compile_seconds"],
       cache_hits=last["compile_cache_hits"],
       padding_fraction=float(np.mean([r["padding_fraction"] for r in train])),
+      train_shapes=last["batch_shapes"],
       input_wait_fraction=float(np.mean([r["input_wait_fraction"] for r in train])))
   return result
 
@@ -384,26 +390,35 @@ def trainer_e2e(data: dict, seed: int = 0) -> dict:
   return result
 
 
-def end_to_end(data: dict, torch: bool, repeats: int = 1) -> list[dict]:
-  """Each variant `repeats` times, in turns (a cold run gets a fresh cache every time); the
-  run of median wall time stands for its variant: one run on a 2-core machine varied by 10%.
-  Round r trains every variant with seed r (head, dropout, data order): one seed's dev accuracy
-  on SST-2's 872 sentences moves by 1-2 points, so accuracies are compared as means."""
+def in_rounds(data: dict, torch: bool, repeats: int, variants) -> list[dict]:
+  """`variants(tmp, r)`: round r's jaxft runs (a fresh temporary folder for all rounds); then
+  the Trainer's, seed r. The median run of each variant (median_runs)."""
   rounds = []
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(repeats):
-      cache = os.path.join(tmp, f"xla_cache{r}")
-      runs = [jaxft_e2e("jaxft, cold compilation cache", data, cache, f"{tmp}/cold{r}", seed=r),
-              jaxft_e2e("jaxft, warm compilation cache", data, cache, f"{tmp}/warm{r}", seed=r),
-              jaxft_e2e("jaxft padded to 128 (static), cold cache", data,
-                        os.path.join(tmp, f"xla_cache_static{r}"), f"{tmp}/static{r}",
-                        ("--config.data.bucket_lengths=(128,)",), seed=r)]
+      runs = variants(tmp, r)
       if torch:
         runs.append(trainer_e2e(data, seed=r))
       for run in runs:
         del run["output"]
       rounds.append(runs)
   return median_runs(rounds)
+
+
+def end_to_end(data: dict, torch: bool, repeats: int = 1) -> list[dict]:
+  """Each variant `repeats` times, in turns (a cold run gets a fresh cache every time); the
+  run of median wall time stands for its variant: one run on a 2-core machine varied by 10%.
+  Round r trains every variant with seed r (head, dropout, data order): one seed's dev accuracy
+  on SST-2's 872 sentences moves by 1-2 points, so accuracies are compared as means."""
+  def variants(tmp, r):
+    cache = os.path.join(tmp, f"xla_cache{r}")
+    return [jaxft_e2e("jaxft, cold compilation cache", data, cache, f"{tmp}/cold{r}", seed=r),
+            jaxft_e2e("jaxft, warm compilation cache", data, cache, f"{tmp}/warm{r}", seed=r),
+            jaxft_e2e("jaxft padded to 128 (static), cold cache", data,
+                      os.path.join(tmp, f"xla_cache_static{r}"), f"{tmp}/static{r}",
+                      ("--config.data.bucket_lengths=(128,)", "--config.data.packing=off"),
+                      seed=r)]
+  return in_rounds(data, torch, repeats, variants)
 
 
 def median_runs(rounds: list[list[dict]]) -> list[dict]:
@@ -449,6 +464,88 @@ def end_to_end_table(runs: list[dict], data: dict) -> str:
   return "\n".join(lines)
 
 
+PACKING_RUNS = (("tokens", "cold"), ("tokens", "warm"), ("examples", "cold"), ("off", "cold"))
+
+
+def packed_step_throughput(data: dict) -> dict:
+  """Real tokens per second of the train step, bucketed ("off") against packed ("tokens"),
+  over a whole epoch of each (the same examples; every shape compiled and run once before),
+  timed in turns step by step."""
+  from jaxft import config as config_lib
+  from jaxft.train import _first_batches_of_each_shape, _host_train_batch
+  runners = {}
+  for mode in ("off", "tokens"):
+    config = config_lib.replace(config_lib.load_config_file(f"{CONFIGS_DIR}/sst2_minilm.py"), {
+        "data.train_file": data["train_file"], "data.validation_file": None,
+        "data.max_train_examples": data["examples"], "train.batch_size": data["batch"],
+        "model.pooling": "default", "data.packing": mode})
+    exp = experiment.build(config)
+    order = exp.train_order(exp.train_data)
+    tx, schedule = exp.optimizer(10_000)
+    train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+    state = [train_step.place(exp.init_state(tx))]
+    frozen = exp.frozen()
+    train_step.precompile(state[0], frozen,
+                          _first_batches_of_each_shape(exp, exp.train_data, order))
+    hosts = [_host_train_batch(exp, exp.train_data, order, i)
+             for i in range(order.steps_in_epoch(0))]
+    batches = [train_step.device_batch(h) for h in hosts]
+    real = [int(np.sum(h["attention_mask"] * (h["weights"][:, None] > 0))) if mode == "off"
+            else int(np.sum(h["segment_ids"] > 0)) for h in hosts]
+
+    def run(i, train_step=train_step, state=state, frozen=frozen, batches=batches):
+      state[0], metrics = train_step(state[0], frozen, batches[i])
+      jax.block_until_ready(metrics)
+
+    for shape in {h["input_ids"].shape: i for i, h in enumerate(hosts)}.values():
+      run(shape)  # every shape ran once before timing
+    runners[mode] = (run, real, hosts)
+  seconds = {mode: 0.0 for mode in runners}
+  for i in range(max(len(hosts) for _, _, hosts in runners.values())):
+    for mode, (run, _, hosts) in runners.items():
+      if i < len(hosts):
+        start = time.perf_counter()
+        run(i)
+        seconds[mode] += time.perf_counter() - start
+  out = {}
+  for mode, (_, real, hosts) in runners.items():
+    padded = sum(h["input_ids"].size for h in hosts)
+    out[mode] = {"seconds": seconds[mode], "real_tokens": sum(real), "steps": len(hosts),
+                 "tokens_per_s": sum(real) / seconds[mode],
+                 "examples": int(sum(float(np.sum(h["weights"])) for h in hosts)),
+                 "padding_fraction": 1 - sum(real) / padded,
+                 "shapes": len({h["input_ids"].shape for h in hosts})}
+  out["ratio"] = out["tokens"]["tokens_per_s"] / out["off"]["tokens_per_s"]
+  return out
+
+
+def packing_end_to_end(data: dict, torch: bool, repeats: int) -> list[dict]:
+  """Each PACKING_RUNS variant (and the Trainer) `repeats` times in turns, seed r in round r."""
+  def variants(tmp, r):
+    return [jaxft_e2e(f"jaxft packing={mode}, {cache} cache", data,
+                      os.path.join(tmp, f"xla_cache_{mode}{r}"), f"{tmp}/{mode}_{cache}{r}",
+                      (f"--config.data.packing={mode}",), seed=r)
+            for mode, cache in PACKING_RUNS]
+  return in_rounds(data, torch, repeats, variants)
+
+
+def packing_table(runs: list[dict], data: dict) -> str:
+  by = {r["name"]: r for r in runs}
+  trainer = by.get("HF PyTorch Trainer (dynamic padding)", {}).get("wall_s")
+  lines = [f"End to end: SST-2, {data['examples']} training sentences, batch {data['batch']}, "
+           "one epoch, then dev; process start to final metrics (median run; accuracy: mean of "
+           "seeds)\n",
+           "| run | wall (s) | vs PyTorch Trainer | dev accuracy | train shapes | compiles "
+           "(cache hits) | padding |", "|---|---|---|---|---|---|---|"]
+  for r in runs:
+    vs = f"{trainer / r['wall_s']:.2f}x" if trainer else "n/a"
+    extra = (f"{r['train_shapes']} | {r['compiles']} ({r['cache_hits']}) | "
+             f"{100 * r['padding_fraction']:.1f}%" if "compiles" in r else "n/a | n/a | n/a")
+    lines.append(f"| {r['name']} | {r['wall_s']:.1f} | {vs} | "
+                 f"{r.get('accuracy_mean', r['accuracy']):.4f} | {extra} |")
+  return "\n".join(lines)
+
+
 def native_builds() -> dict:
   """Each of the CPU layer's C++ libraries (jaxft.cpu.native): the seconds its build took here,
   0.0 when it was built already, or why it cannot be. Built before any timed run, as setup.sh
@@ -475,7 +572,8 @@ def _torch_installed() -> bool:
 
 
 def run() -> None:
-  suite_flag = flags.DEFINE_enum("suite", "speed", ["speed", "peft"], "Which benchmark to run.")
+  suite_flag = flags.DEFINE_enum("suite", "speed", ["speed", "peft", "packing"],
+                                  "Which benchmark to run.")
   batch_flag = flags.DEFINE_integer("batch", 32, "Batch size of the fixed-shape steps.")
   length_flag = flags.DEFINE_integer("length", 128, "Sequence length of the fixed-shape steps.")
   steps_flag = flags.DEFINE_integer("steps", 5, "Timed steps per variant (after one to compile).")
@@ -507,6 +605,17 @@ def run() -> None:
                      for name, overrides in METHODS}
       print(f"train step, default model, batch {batch} x {length} tokens, median of {steps} "
             f"steps:\n\n{peft_table(out['peft'])}")
+    elif suite_flag.value == "packing":
+      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
+              "examples": examples_flag.value, "batch": 32, "learning_rate": 1e-4}
+      out["step"] = packed_step_throughput(data)
+      print("train step, real tokens/s: " + ", ".join(
+          f"{m} {v['tokens_per_s']:.0f} ({100 * v['padding_fraction']:.0f}% padding, "
+          f"{v['shapes']} shapes)" for m, v in out["step"].items() if m != "ratio") +
+          f"; packed/bucketed {out['step']['ratio']:.2f}x\n", flush=True)
+      torch = torch_flag.value and _torch_installed()
+      out["end_to_end"] = packing_end_to_end(data, torch, repeats_flag.value)
+      print(packing_table(out["end_to_end"], data))
     else:
       torch = torch_flag.value and _torch_installed()
       out["fixed_shape"] = fixed_shape(batch, length, steps, torch)

@@ -7,9 +7,9 @@ r"""jaxft on one NVIDIA GPU, against PyTorch, in one command (launch/device_chec
    (transformers' BertForSequenceClassification, fused AdamW, torch.autocast bf16) eager and
    under torch.compile, each in its own process, timed the same way (median of --steps).
 2. The default model's shapes (6 layers, 384 wide), random init: epochs of SST-2's training
-   sentences (--sst2_train) with jaxft's bucketing, as `python -m jaxft.train` runs them: wall
-   time from process start, the time of the second epoch, compiles and their seconds, and the
-   share of the second epoch the device sat idle (a jax.profiler trace of it).
+   sentences (--sst2_train) packed by tokens (jaxft's default), as `python -m jaxft.train` runs
+   them: wall time from process start, the time of the second epoch, compiles and their
+   seconds, and the share of the second epoch the device sat idle (a jax.profiler trace of it).
 3. Which attention implementation ran (cuDNN's fused kernel or XLA's), peak device memory.
 
 It prints one markdown table and writes device_check.json into --out. Weights are random (a

@@ -3,10 +3,12 @@
 Where things live:
   config.py      every config key, its default and its checks; the resolved config
   rules.py       first-match regex rules over parameter paths (PEFT, sharding, decay, lr)
-  data/          reading files, labels, tokenization, deterministic bucketed batches
+  data/          reading files, labels, tokenization; deterministic batches, bucketed or
+                 packed (several examples per row: packing.py, order.py)
   tasks.py       what differs per task: loss, eval outputs
   models.py      loading Hugging Face Flax models and tokenizers, heads, parameter counts
-  attention.py   BERT-family self-attention (the JAX path; the CPU kernel is in cpu/)
+  attention.py   BERT-family self-attention, packed rows included (the JAX path; the CPU
+                 kernel is in cpu/)
   peft.py        the trainable/frozen split of the parameters, LoRA
   optim.py       the optax chain: schedule, AdamW, weight-decay mask, clipping
   step.py        the pure train_step / eval_step

@@ -21,6 +21,11 @@ elsewhere, softmax statistics in float32 either way. Fused kernels have no dropo
 probabilities: a call that must drop (model.attention_dropout > 0 in training) takes the JAX
 path instead.
 
+Packed batches (jaxft.data.packing) pass each row's segment ids (1, 2, ... per example, 0 for
+padding) where the padding mask goes; every path then attends within segments only: a
+block-diagonal mask for the JAX and fused paths, segment ids for the CPU kernel, and for
+Hugging Face's own code a segment bias added inside its attention weights (`_hf_packed`).
+
 `model.attention` picks: "auto" (fused on GPU and TPU; on the CPU the CPU layer's kernel where
 it builds and applies, else the JAX path), "fused", "kernel" (jaxft/cpu/attention.py), "jaxft"
 (the JAX path) or "hf".
@@ -177,6 +182,17 @@ def _padding_bias(attention_mask: Optional[jax.Array], dtype) -> Optional[jax.Ar
                         jnp.full(mask.shape, jnp.finfo(dtype).min).astype(dtype))
 
 
+def segment_mask(segments: jax.Array) -> jax.Array:
+  """[batch, 1, q, k]: True where query and key belong to the same example of a packed row
+  (padding, segment 0, attends to padding only, so no row is empty)."""
+  return segments[:, None, :, None] == segments[:, None, None, :]
+
+
+def _segment_bias(segments: jax.Array, dtype) -> jax.Array:
+  """The additive form of `segment_mask`: 0 within a segment, the dtype's lowest elsewhere."""
+  return jnp.where(segment_mask(segments), jnp.zeros((), dtype), jnp.finfo(dtype).min)
+
+
 # What `fused_attention` ran while tracing ("cudnn", "xla"): a device check reports it.
 fused_implementations: set[str] = set()
 
@@ -189,13 +205,23 @@ def _cudnn_applies(q: jax.Array) -> bool:
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                    attention_mask: Optional[jax.Array], heads: Optional[jax.Array]
-                    ) -> jax.Array:
+                    attention_mask: Optional[jax.Array], heads: Optional[jax.Array],
+                    packed: bool = False) -> jax.Array:
   """Attention mixing by jax.nn.dot_product_attention, [batch, length, heads, depth] in and
-  out: padding keys masked (`attention_mask` [batch, length]), each head's output scaled by
-  `heads` (the head mask, broadcasting to [1, heads, 1, 1]); no dropout."""
+  out: padding keys masked (`attention_mask` [batch, length]; `packed`: it holds segment ids,
+  and attention stays within segments), each head's output scaled by `heads` (the head mask,
+  broadcasting to [1, heads, 1, 1]); no dropout."""
   out = None
-  if _cudnn_applies(q):
+  if packed:
+    mask = segment_mask(attention_mask)
+    implementation = "cudnn" if _cudnn_applies(q) else "xla"
+    try:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+      fused_implementations.add(implementation)
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+      fused_implementations.add("xla")
+  elif _cudnn_applies(q):
     # jaxft's batches are right-padded, so a key length per row is the padding mask (at least
     # 1: a row of padding, weight 0 in the loss, must not produce NaN).
     lengths = None
@@ -217,10 +243,10 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def _self_attention(module, hidden_states, attention_mask, layer_head_mask, deterministic: bool,
-                    implementation: str):
+                    implementation: str, packed: bool):
   """FlaxBertSelfAttention.__call__'s result for plain bidirectional self-attention, by
   `implementation` ("fused", "kernel", "jaxft"; where "fused" or "kernel" does not apply to a
-  call, by the JAX path)."""
+  call, by the JAX path); `packed`: `attention_mask` holds segment ids."""
   q = module._split_heads(module.query(hidden_states))
   k = module._split_heads(module.key(hidden_states))
   v = module._split_heads(module.value(hidden_states))
@@ -231,22 +257,47 @@ def _self_attention(module, hidden_states, attention_mask, layer_head_mask, dete
   if layer_head_mask is not None:  # Hugging Face's models pass one of ones when given none
     heads = layer_head_mask.astype(module.dtype).reshape(1, -1, 1, 1)
   if implementation == "fused" and dropout is None:
-    out = fused_attention(q, k, v, attention_mask, heads)
+    out = fused_attention(q, k, v, attention_mask, heads, packed)
   else:
-    bias = _padding_bias(attention_mask, module.dtype)
     multiplier = heads if dropout is None else (dropout if heads is None else dropout * heads)
     out = None
     if implementation == "kernel":
       from jaxft.cpu import attention as cpu_attention  # chosen only where it loads
-      out = cpu_attention.fused_attention(q, k, v, bias, multiplier)
+      if packed:
+        out = cpu_attention.fused_attention(q, k, v, None, multiplier, segments=attention_mask)
+      else:
+        out = cpu_attention.fused_attention(q, k, v, _padding_bias(attention_mask, module.dtype),
+                                            multiplier)
     if out is None:
+      bias = (_segment_bias(attention_mask, module.dtype) if packed
+              else _padding_bias(attention_mask, module.dtype))
       out = attention(q, k, v, bias, multiplier)
   return (out.reshape(out.shape[:2] + (-1,)),)
 
 
-def interceptor(next_fun, args, kwargs, context, implementation: str = "jaxft"):
-  """A flax method interceptor: BERT-family self-attention calls take `implementation`
-  (`interceptor_for` binds it)."""
+def _hf_packed(next_fun, module, args, kwargs, segments):
+  """Hugging Face's own self-attention on a packed row. Its layer turns the mask into a bias
+  per key, which cannot hold a block-diagonal mask, so for this call the attention-weights
+  function its module calls gets the segment bias added (and is put back after)."""
+  hf_module = sys.modules[type(module).__module__]
+  weights_fn = hf_module.dot_product_attention_weights
+
+  def with_segments(query, key, bias=None, **kw):
+    extra = _segment_bias(segments, query.dtype)
+    return weights_fn(query, key, bias=extra if bias is None else bias + extra, **kw)
+
+  hf_module.dot_product_attention_weights = with_segments
+  try:
+    return next_fun(*args, **kwargs)
+  finally:
+    hf_module.dot_product_attention_weights = weights_fn
+
+
+def interceptor(next_fun, args, kwargs, context, implementation: str = "jaxft",
+                packed: bool = False):
+  """A flax method interceptor: BERT-family self-attention calls take `implementation`, and
+  with `packed` attend within the segments their attention mask holds (`interceptor_for`
+  binds both)."""
   module = context.module
   if context.method_name != "__call__" or type(module).__name__ not in _BERT_SELF_ATTENTION:
     return next_fun(*args, **kwargs)
@@ -255,11 +306,17 @@ def interceptor(next_fun, args, kwargs, context, implementation: str = "jaxft"):
   a = call.arguments
   if (module.causal or a["key_value_states"] is not None or a["init_cache"]
       or a["output_attentions"]):
+    if packed:
+      fail("packed batches take plain bidirectional self-attention only; set "
+           "data.packing=off for this model")
     return next_fun(*args, **kwargs)
+  if implementation == "hf":
+    return _hf_packed(next_fun, module, args, kwargs, a["attention_mask"])
   return _self_attention(module, a["hidden_states"], a["attention_mask"], a["layer_head_mask"],
-                         a["deterministic"], implementation)
+                         a["deterministic"], implementation, packed)
 
 
-def interceptor_for(implementation: str):
-  """The interceptor for `implementation` ("fused", "kernel" or "jaxft")."""
-  return functools.partial(interceptor, implementation=implementation)
+def interceptor_for(implementation: str, packed: bool = False):
+  """The interceptor for `implementation` ("fused", "kernel" or "jaxft"; "hf" with
+  `packed`)."""
+  return functools.partial(interceptor, implementation=implementation, packed=packed)

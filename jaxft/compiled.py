@@ -264,10 +264,10 @@ def _remove(path: str) -> None:
 
 
 # ---- programs per batch width --------------------------------------------------------------
-def _width(batch: dict) -> int:
-  """The padded length: the last axis of the token ids ([rows, width], or pmap's
-  [devices, rows per device, width])."""
-  return batch["input_ids"].shape[-1]
+def _width(batch: dict) -> tuple:
+  """What tells a batch's programs apart: the token ids' shape ([rows, width], or pmap's
+  [devices, rows per device, width]) and, for packed batches, the example slots'."""
+  return tuple(batch["input_ids"].shape) + tuple(batch["weights"].shape)
 
 
 class WidthPrograms:
@@ -282,7 +282,7 @@ class WidthPrograms:
     self._cache_prefix = cache_prefix if transform is jax.jit else None
     self._jit_kwargs = jit_kwargs
     self.jitted = transform(fn, **jit_kwargs)
-    self.compiled: dict[int, Any] = {}  # batch width -> compiled program
+    self.compiled: dict[tuple, Any] = {}  # batch shape (_width) -> compiled program
 
   def __call__(self, *args):
     return self.compiled.get(_width(args[-1]), self.jitted)(*args)
@@ -295,9 +295,10 @@ class WidthPrograms:
     while it traces the next (and never traces a width whose program is cached)."""
     by_width = {}
     for host_batch in host_batches:
-      width = _width(host_batch)
+      batch = to_device(host_batch)  # keyed as calls are: by the global batch's shape
+      width = _width(batch)
       if width not in self.compiled and width not in by_width:
-        by_width[width] = to_device(host_batch)
+        by_width[width] = batch
     lowering = functools.cache(lambda: self.lowering(fixed_args, list(by_width.values())))
     key = lambda batch: (None if self._cache_prefix is None else
                          program_key(self._cache_prefix, (fixed_args, batch)))
@@ -321,16 +322,24 @@ class WidthPrograms:
 
 
 def _export_over_width(jitted, fixed_args: tuple, batches: list[dict]):
-  """`jitted(*fixed_args, batch)` exported (jax.export) with the batch width symbolic: the
-  dimension 1 of every batch array whose size differs between `batches`."""
+  """`jitted(*fixed_args, batch)` exported (jax.export) with every batch dimension whose size
+  differs between `batches` symbolic: the padded width, or a packed batch's rows; dimensions
+  that vary alike share one symbol."""
   from jax import export
-  (width,) = export.symbolic_shape("width")
   abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  symbols: dict = {}
+
+  def dimension(name, axis, size):
+    sizes = tuple(b[name].shape[axis] for b in batches)
+    if len(set(sizes)) == 1:
+      return size
+    if sizes not in symbols:
+      (symbols[sizes],) = export.symbolic_shape(f"d{len(symbols)}")
+    return symbols[sizes]
 
   def symbolic(name, x):
-    if len({b[name].shape for b in batches}) == 1:
-      return abstract(x)
-    return jax.ShapeDtypeStruct((x.shape[0], width, *x.shape[2:]), x.dtype, sharding=x.sharding)
+    shape = tuple(dimension(name, axis, size) for axis, size in enumerate(x.shape))
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
 
   batch = {name: symbolic(name, x) for name, x in batches[0].items()}
   # jaxft's own kernels are custom calls that export refuses by default: the exported program

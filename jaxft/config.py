@@ -152,6 +152,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_buckets = 4
   # Examples sorted by length within shuffled windows of this many batches (1 = no bucketing).
   c.data.bucket_window_batches = 50
+  # Sequence packing (jaxft/data/packing.py): several examples per row, attending within
+  # themselves. "examples": train.batch_size examples per step packed into few rows; "tokens":
+  # a fixed rows x length per step (one shape); "off": bucketed padding; "auto": the
+  # platform's choice (packing_for).
+  c.data.packing = "auto"
+  # Tokens per packed row and ("tokens") rows per step; 0 = fitted to the data: rows of at most
+  # max_seq_length that hold batch_size examples of the mean length.
+  c.data.packing_length = 0
+  c.data.packing_rows = 0
+  # Packed batches are laid out in this many blocks, each example inside one, so that devices
+  # and micro-batches split them whole; 0 = the data-parallel size x train.grad_accum_steps.
+  # Recorded in config.json: a resumed run packs its epochs as before, on any mesh it divides.
+  c.data.packing_groups = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 32  # global batch per optimizer step, over all devices and hosts
@@ -284,6 +297,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
            f"config data.bucket_lengths holds {length!r}: each must be an integer in "
            f"(0, data.max_seq_length={c.data.max_seq_length}]")
   _positive("data.bucket_window_batches", c.data.bucket_window_batches)
+  _one_of("data.packing", c.data.packing, PACKING)
+  _non_negative("data.packing_rows", c.data.packing_rows)
+  _non_negative("data.packing_groups", c.data.packing_groups)
+  _check(c.data.packing_length == 0 or c.data.packing_length >= c.data.max_seq_length,
+         f"config data.packing_length={c.data.packing_length} is shorter than "
+         f"data.max_seq_length={c.data.max_seq_length}, so an example might not fit a row; set "
+         "it to 0 (fitted to the data) or at least max_seq_length")
   _positive("data.num_buckets", c.data.num_buckets)
 
   t = c.train
@@ -385,6 +405,15 @@ def replace(c: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_colle
       target[name] = ml_collections.ConfigDict(value) if isinstance(value, Mapping) else value
   out.lock()
   return out
+
+
+PACKING = ("auto", "off", "examples", "tokens")
+
+
+def packing_for(configured: str, platform: str) -> str:
+  """What `data.packing` means on JAX platform `platform`: "auto" is "tokens" everywhere
+  (one compiled shape and nearly no padding; benchmarks/README.md has the measurements)."""
+  return "tokens" if configured == "auto" else configured
 
 
 def compute_dtype_for(configured: str, platform: str) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxft import config as config_lib
 from jaxft import attention, compiled, models, optim, parallel, peft, rules, step as step_lib, tasks
-from jaxft.data import batching, mlm
+from jaxft.data import batching, mlm, order, packing
 from jaxft.data.encode import Encoded, read_split
 from jaxft.errors import fail
 
@@ -68,16 +68,24 @@ class Experiment:
     return data
 
   def host_batch(self, data: Encoded, indices: np.ndarray, batch_size: int,
-                 mask_key: tuple[int, int] = (mlm.EVAL_EPOCH, 0)) -> dict:
+                 epoch: int = mlm.EVAL_EPOCH) -> dict:
     """This process's rows of the global batch at `indices`, padded to a bucket length.
 
-    For mlm, tokens are masked here from `mask_key` = (epoch, batch index in the epoch), on the
-    whole global batch before it is split between hosts, so every host draws the same masks.
+    For mlm, tokens are masked here (jaxft.data.mlm: per example and `epoch`), on the whole
+    global batch before it is split between hosts, so every host draws the same masks.
     """
-    batch = batching.make_batch(data, indices, batch_size, self.buckets)
+    return self._host_rows(batching.make_batch(data, indices, batch_size, self.buckets), epoch)
+
+  def host_packed_batch(self, data: Encoded, placement: list, shape: packing.Shape,
+                        epoch: int = mlm.EVAL_EPOCH) -> dict:
+    """This process's rows and example slots of the packed global batch `placement`
+    (jaxft.data.packing) in `shape`; mlm masks as in host_batch."""
+    return self._host_rows(packing.make_packed_batch(data, placement, shape), epoch)
+
+  def _host_rows(self, batch: dict, epoch: int) -> dict:
     if self.task.kind == "mlm":
       tok = self.tokenizer
-      batch = mlm.mask_tokens(batch, mlm.rng_for(self.config.seed, *mask_key),
+      batch = mlm.mask_tokens(batch, self.config.seed, epoch,
                               self.config.task.mlm_probability, tok.mask_token_id,
                               self.model.hf_config.vocab_size, tok.all_special_ids)
     return batching.host_rows(batch, jax.process_index(), jax.process_count())
@@ -85,6 +93,21 @@ class Experiment:
   def to_mesh(self, host_batch: dict) -> dict:
     """Host arrays as global arrays on the mesh, split over its batch axes (jit steps)."""
     return parallel.to_devices(host_batch, self.mesh)
+
+  @property
+  def packing(self) -> str:
+    """The resolved data.packing: "off", "examples" or "tokens"."""
+    return self.config.data.packing
+
+  def train_order(self, data: Encoded) -> order.TrainOrder:
+    """Which examples each training step takes (jaxft.data.order). Packed batches are laid
+    out in one block per data-parallel shard and accumulated micro-batch."""
+    c = self.config
+    _check_packing_groups(c, self.mesh)
+    groups = c.data.packing_groups or packing_groups(c, self.mesh)
+    return order.TrainOrder(self.packing, data.lengths, c.train.batch_size, c.seed,
+                            c.data.bucket_window_batches, c.data.max_seq_length, groups,
+                            c.data.packing_rows, c.data.packing_length, c.data.num_buckets)
 
   # ---- state ------------------------------------------------------------------------------
   def optimizer(self, total_steps: int):
@@ -174,8 +197,9 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   whole_arrays = mesh.devices.size == 1 or config.parallel.mode == "pmap"
   platform = platform or jax.default_backend()
   implementation = attention.implementation(config.model.attention, platform, whole_arrays)
-  config = config_lib.replace(config, {"train.compute_dtype": config_lib.compute_dtype_for(
-      config.train.compute_dtype, platform)})
+  config = config_lib.replace(config, {
+      "train.compute_dtype": config_lib.compute_dtype_for(config.train.compute_dtype, platform),
+      "data.packing": config_lib.packing_for(config.data.packing, platform)})
   dropout_rate = config.model.attention_dropout
   if dropout_rate is None and implementation == "fused":
     dropout_rate = 0.0  # fused kernels drop nothing: say so, rather than train another model
@@ -200,9 +224,26 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)
   buckets = _bucket_lengths(config, train_data)
   config = config_lib.replace(config, {"data.label_names": tuple(task.label_names) or None,
-                                       "data.bucket_lengths": buckets})
+                                       "data.bucket_lengths": buckets,
+                                       "data.packing_groups": config.data.packing_groups or
+                                       packing_groups(config, mesh)})
   return Experiment(config, model_dir, tokenizer, task, model, mesh, buckets, trainable, frozen,
                     logits, platform, train_data)
+
+
+def packing_groups(config, mesh) -> int:
+  """The blocks a packed batch needs for this mesh: one per data-parallel shard and
+  accumulated micro-batch (jaxft.data.packing)."""
+  return parallel.batch_parallelism(mesh) * config.train.grad_accum_steps
+
+
+def _check_packing_groups(config, mesh) -> None:
+  needed = packing_groups(config, mesh)
+  groups = config.data.packing_groups
+  if config.data.packing != "off" and groups and groups % needed:
+    fail(f"config data.packing_groups={groups} (a resumed run records its own) is not a "
+         f"multiple of the data-parallel size x train.grad_accum_steps = {needed}; run on a "
+         f"mesh whose data-parallel size divides {groups}, or start a new --workdir")
 
 
 def _bucket_lengths(config, train_data: Optional[Encoded]) -> tuple[int, ...]:

@@ -12,10 +12,11 @@ neighbour correlation and key sensitivity. Splitting and folding keys reuse thre
 key words, so `split`/`fold_in` behave exactly like JAX's default. The choice is
 `train.dropout_rng` ("hash", the default, or "threefry" for JAX's own bits).
 
-The bits are those of the element's index in the whole global batch: a key carries a row
-offset (a third word), added to the leading (batch) index of 2-D and 3-D masks ([batch,
-features], [batch, length, hidden]). Under pmap each device's key holds its first global row,
-so every layout draws the masks one device would draw for the whole batch. 4-D masks
+The bits are those of the element's index in the whole global batch: a key carries a block
+index (a third word). Under pmap each device holds block d of every batch-leading array (rows,
+or a packed batch's example slots, jaxft.data.packing), so the leading index of its 2-D and 3-D
+masks ([batch, features], [batch, length, hidden]) is shifted by d times their leading size,
+and every layout draws the masks one device would draw for the whole batch. 4-D masks
 (attention probabilities, broadcast over the batch) take no offset: they are shared.
 """
 
@@ -57,14 +58,14 @@ def _as_uint32(size) -> jax.Array:
 
 
 def _global_index(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The element's row-major index in the global batch: its index in `shape`, its rows shifted
-  by the key's row offset for batch-leading (2-D and 3-D) masks."""
+  """The element's row-major index in the global batch: its index in `shape`, shifted by the
+  key's block of batch-leading (2-D and 3-D) masks (block d starts at d x shape[0] rows)."""
   index = _element_index(shape)
   if 2 <= len(shape) <= 3:
-    row_size = 1
-    for dim in shape[1:]:
-      row_size = row_size * dim  # may be symbolic (a step traced for all widths)
-    index = index + key[2] * _as_uint32(row_size)
+    block_size = 1
+    for dim in shape:
+      block_size = block_size * dim  # may be symbolic (a step traced for all widths)
+    index = index + key[2] * _as_uint32(block_size)
   return index
 
 
@@ -81,7 +82,7 @@ def _as_threefry(key: jax.Array) -> jax.Array:
 
 
 def _with_offset(threefry_data: jax.Array, key: jax.Array) -> jax.Array:
-  """Threefry key words with `key`'s row offset appended (split and fold_in keep it)."""
+  """Threefry key words with `key`'s block index appended (split and fold_in keep it)."""
   offset = jnp.broadcast_to(key[..., 2:], threefry_data.shape[:-1] + (1,))
   return jnp.concatenate([threefry_data, offset.astype(threefry_data.dtype)], axis=-1)
 
@@ -92,7 +93,7 @@ def _seed(seed) -> jax.Array:
 
 
 HASH_IMPL = jax.extend.random.define_prng_impl(
-    key_shape=(3,),  # threefry's two words, and the row offset
+    key_shape=(3,),  # threefry's two words, and the block index
     seed=_seed,
     split=lambda key, shape: _with_offset(
         jax.random.key_data(jax.random.split(_as_threefry(key), shape)), key),
@@ -103,11 +104,12 @@ HASH_IMPL = jax.extend.random.define_prng_impl(
     tag="hsr")
 
 
-def dropout_key(key: jax.Array, kind: str, row_offset=0) -> jax.Array:
+def dropout_key(key: jax.Array, kind: str, block=0) -> jax.Array:
   """The key the model's dropout draws from: `key` (a raw threefry key) as a `kind` key;
-  `row_offset`: the first global batch row of the arrays it draws for (pmap: each device's)."""
+  `block`: which equal block of the global batch the arrays it draws for are (pmap: the
+  device's index)."""
   if kind == "threefry":
     return key
   data = jax.random.key_data(key)
-  offset = jnp.asarray(row_offset, data.dtype).reshape(1)
+  offset = jnp.asarray(block, data.dtype).reshape(1)
   return jax.random.wrap_key_data(jnp.concatenate([data, offset]), impl=HASH_IMPL)

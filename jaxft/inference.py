@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jaxft import (compiled, config as config_lib, experiment, metrics, models, parallel,
                    storage, tasks)
 from jaxft.checkpoint import Checkpoints
-from jaxft.data import batching, mlm
+from jaxft.data import batching, order
 from jaxft.data.encode import Encoded
 from jaxft.errors import UserError, fail
 
@@ -104,42 +104,71 @@ class Predictor:
     self.exp = exp
     self.programs = compiled.eval_step(exp, exp.program_cache_key("eval"))
 
-  def _batches(self, data: Encoded) -> list[np.ndarray]:
-    return batching.eval_batches(data.lengths, self.exp.config.train.eval_batch_size)
+  def _batches(self, data: Encoded) -> tuple[list, Optional[object]]:
+    """The evaluation steps of `data`: example indices sorted by length (unpacked), or packed
+    placements, with their one shape."""
+    c = self.exp.config
+    if self.exp.packing == "off":
+      return batching.eval_batches(data.lengths, c.train.eval_batch_size), None
+    return order.eval_steps(data.lengths, c.train.eval_batch_size, c.data.max_seq_length,
+                            parallel.batch_parallelism(self.exp.mesh), c.data.packing_length)
 
-  def _host_batch(self, data: Encoded, indices: np.ndarray, number: int) -> dict:
-    return self.exp.host_batch(data, indices, self.exp.config.train.eval_batch_size,
-                               mask_key=(mlm.EVAL_EPOCH, number))
+  def _host_batch(self, data: Encoded, chosen, shape) -> dict:
+    if shape is None:
+      return self.exp.host_batch(data, chosen, self.exp.config.train.eval_batch_size)
+    return self.exp.host_packed_batch(data, chosen, shape)
 
-  def first_batch_of_each_width(self, data: Encoded,
-                                batches: Optional[list[np.ndarray]] = None) -> list[dict]:
-    """The first batch (host arrays) of each padded width of `data`: what compiling every
-    evaluation shape ahead of time needs."""
-    batches = self._batches(data) if batches is None else batches
+  def first_batch_of_each_width(self, data: Encoded) -> list[dict]:
+    """The first batch (host arrays) of each shape of `data`'s evaluation: what compiling
+    every evaluation shape ahead of time needs."""
+    batches, shape = self._batches(data)
+    if shape is not None:
+      return [self._host_batch(data, batches[0], shape)]
     maxima = [data.lengths[b].max() for b in batches]
-    return [self._host_batch(data, batches[i], int(i))
+    return [self._host_batch(data, batches[i], None)
             for i in batching.first_of_each_width(maxima, self.exp.buckets)]
 
   def outputs(self, params: dict, data: Encoded) -> dict[str, list]:
     """The task's eval outputs (jaxft.tasks.Task.eval_outputs) of every example of `data`, in
-    input order; per-token outputs cut to each example's length."""
+    input order; per-token outputs cut to each example's length (mlm: summed over it)."""
     exp, out = self.exp, {}
     frozen = exp.frozen()
-    batches = self._batches(data)
-    compiled.compile_all(self.programs.pending(self.first_batch_of_each_width(data, batches),
+    batches, shape = self._batches(data)
+    compiled.compile_all(self.programs.pending(self.first_batch_of_each_width(data),
                                                exp.to_mesh, (params, frozen)))
-    for number, indices in enumerate(batches):
-      host = self._host_batch(data, indices, number)
+    for chosen in batches:
+      host = self._host_batch(data, chosen, shape)
       outputs = _to_host(self.programs(params, frozen, exp.to_mesh(host)))
+      if shape is None:  # row r holds example chosen[r], from its first position
+        slots = [(i, r, r, 0, data.lengths[i]) for r, i in enumerate(chosen)]
+      else:
+        host = _global(host)
+        slots = [(host["index"][k], k, host["example_row"][k], host["example_start"][k],
+                  host["example_length"][k]) for k in np.nonzero(host["index"] >= 0)[0]]
+      per_token = exp.task.kind == "token_classification" or (
+          exp.task.kind == "mlm" and shape is not None)
       for name, values in outputs.items():
         column = out.setdefault(name, [None] * len(data))
-        for row, i in enumerate(indices):
-          column[i] = values[row, :data.lengths[i]] if values.ndim == 3 else values[row]
+        for i, slot, row, start, length in slots:
+          if not per_token:
+            column[i] = values[slot]
+          elif exp.task.kind == "mlm":  # packed: the example's share of its row, summed
+            column[i] = values[row, start:start + length].sum()
+          else:
+            column[i] = values[row, start:start + length]
     return out
 
   def evaluate(self, params: dict, data: Encoded) -> dict:
     """The task's metrics of `params` on `data`."""
     return metrics.task_metrics(self.exp.task, self.outputs(params, data), data)
+
+
+def _global(host_batch: dict) -> dict:
+  """The global batch from this process's share (every process builds the same)."""
+  if jax.process_count() == 1:
+    return host_batch
+  return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+          for k, v in host_batch.items()}
 
 
 def _to_host(tree: dict) -> dict:

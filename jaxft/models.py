@@ -7,11 +7,14 @@ from safetensors (converted without torch) or Flax msgpack, never from pickle fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import inspect
 import logging
 import os
+import sys
 from typing import Any, Optional
 
 import jax
@@ -149,19 +152,49 @@ class Model:
   def base_prefix(self) -> str:
     return self.hf_model.base_model_prefix
 
+  @property
+  def position_offset(self) -> int:
+    """Where a sequence's position ids start: after the padding index for models that count
+    positions as RoBERTa does (their Flax module has create_position_ids_from_input_ids)."""
+    module = sys.modules[type(self.hf_model).__module__]
+    if hasattr(module, "create_position_ids_from_input_ids"):
+      return int(self.hf_config.pad_token_id) + 1
+    return 0
+
   def _inputs(self, batch: dict) -> dict:
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "token_type_ids" in inspect.signature(type(self.hf_model).__call__).parameters:
+    packed = is_packed(batch)
+    # Packed rows: the segment ids go where the padding mask goes (attention.interceptor reads
+    # them; Hugging Face's own "> 0" still marks padding), positions restart per example.
+    inputs = {"input_ids": batch["input_ids"],
+              "attention_mask": batch["segment_ids"] if packed else batch["attention_mask"]}
+    parameters = inspect.signature(type(self.hf_model).__call__).parameters
+    if "token_type_ids" in parameters:
       inputs["token_type_ids"] = batch["token_type_ids"]
+    if packed:
+      inputs["position_ids"] = batch["position_ids"] + self.position_offset
     return inputs
+
+  @property
+  def per_example_head(self) -> bool:
+    """The head reads one vector per sequence (its first token's), not one per token."""
+    return self.pooling == "default" and "SequenceClassification" in type(self.hf_model).__name__
 
   def logits(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
              train: bool) -> jax.Array:
     """float32 logits, [batch, outputs] or [batch, length, outputs] (token tasks); pure in
-    (params, batch, dropout_rng)."""
-    if self.attention == "hf":
-      return self._logits(params, batch, dropout_rng, train)
-    with nn.intercept_methods(attention.interceptor_for(self.attention)):
+    (params, batch, dropout_rng). A packed batch (jaxft.data.packing) gives sequence tasks'
+    logits per example slot [slots, outputs], token tasks' per token of its rows."""
+    packed = is_packed(batch)
+    interceptors = []
+    if self.attention != "hf" or packed:
+      interceptors.append(attention.interceptor_for(self.attention, packed))
+    if packed and self.per_example_head:
+      interceptors.append(functools.partial(_first_tokens_of_examples,
+                                            rows=batch["example_row"],
+                                            starts=batch["example_start"]))
+    with contextlib.ExitStack() as stack:
+      for interceptor in interceptors:
+        stack.enter_context(nn.intercept_methods(interceptor))
       return self._logits(params, batch, dropout_rng, train)
 
   def _logits(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
@@ -175,14 +208,52 @@ class Model:
       dropout_rng, head_rng = jax.random.split(dropout_rng)
     hidden = self.hf_model(**self._inputs(batch), params=params[self.base_prefix],
                            dropout_rng=dropout_rng, train=train).last_hidden_state
-    mask = batch["attention_mask"][..., None].astype(jnp.float32)
-    pooled = (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    if is_packed(batch):
+      pooled = _segment_means(hidden.astype(jnp.float32), batch)
+    else:
+      mask = batch["attention_mask"][..., None].astype(jnp.float32)
+      pooled = (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
     rate = float(getattr(self.hf_config, "hidden_dropout_prob", 0.1) or 0.0)
     if train and rate > 0:
       keep = jax.random.bernoulli(head_rng, 1.0 - rate, pooled.shape)
       pooled = jnp.where(keep, pooled / (1.0 - rate), 0.0)
     head = params["classifier"]
     return pooled @ head["kernel"] + head["bias"]
+
+
+def is_packed(batch: dict) -> bool:
+  """Whether `batch` holds packed rows (jaxft.data.packing)."""
+  return "segment_ids" in batch
+
+
+def _first_tokens_of_examples(next_fun, args, kwargs, context, rows, starts):
+  """A flax interceptor: the encoder stack of a packed batch returns, instead of its [rows,
+  length, width] states, each example's first token as a sequence of one ([slots, 1, width]),
+  so the model's own head (BERT's pooler, RoBERTa's and ELECTRA's classification heads, which
+  all read token 0) runs once per example."""
+  out = next_fun(*args, **kwargs)
+  module = context.module
+  if context.method_name != "__call__" or module.name != "encoder" or not type(
+      module).__name__.endswith("Encoder"):
+    return out
+  hidden = out[0]
+  first = hidden[rows, starts][:, None, :]
+  if isinstance(out, tuple):
+    return (first, *out[1:])
+  return out.__class__(**{**out, "last_hidden_state": first})
+
+
+def _segment_means(hidden: jax.Array, batch: dict) -> jax.Array:
+  """[slots, width]: the mean of each packed example's own token states."""
+  rows, length, width = hidden.shape
+  per_row = length + 1  # segment ids run 0 (padding) .. length
+  keys = (jnp.arange(rows)[:, None] * per_row + batch["segment_ids"]).reshape(-1)
+  sums = jax.ops.segment_sum(hidden.reshape(-1, width), keys, num_segments=rows * per_row)
+  counts = jax.ops.segment_sum(jnp.ones_like(keys, jnp.float32), keys,
+                               num_segments=rows * per_row)
+  example_segment = batch["segment_ids"][batch["example_row"], batch["example_start"]]
+  example_keys = batch["example_row"] * per_row + example_segment
+  return sums[example_keys] / jnp.maximum(counts[example_keys], 1.0)[:, None]
 
 
 _AUTO_CLASSES = {  # the Hugging Face Flax auto class giving each task's default head

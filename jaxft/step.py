@@ -18,7 +18,9 @@ from flax import traverse_util
 from jaxft import hash_rng
 
 LogitsFn = Callable[[dict, dict, jax.Array, bool], jax.Array]
-MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask",
+                # packed batches (jaxft.data.packing)
+                "position_ids", "segment_ids", "example_row", "example_start")
 
 
 def combine(trainable: dict, frozen: dict) -> dict:
@@ -32,6 +34,14 @@ def combine(trainable: dict, frozen: dict) -> dict:
 
 LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]  # -> (loss sum, weight sum)
 TRAIN_INPUTS = (*MODEL_INPUTS, "labels", "label_weights", "weights")
+
+
+def rows_from(batch: dict, first_row) -> dict:
+  """A contiguous part of a packed batch whose first row is `first_row` of the whole batch:
+  its examples' rows counted from its own first row (unpacked batches pass through)."""
+  if "example_row" not in batch:
+    return batch
+  return {**batch, "example_row": batch["example_row"] - first_row}
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> dict:
@@ -81,8 +91,8 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
   if nonfinite_guard not in NONFINITE_GUARDS:
     raise ValueError(f"nonfinite_guard={nonfinite_guard!r}; use one of {NONFINITE_GUARDS}")
 
-  def summed_loss(params, frozen, micro, rng, row_offset):
-    key = hash_rng.dropout_key(rng, dropout_rng, row_offset)
+  def summed_loss(params, frozen, micro, rng, block):
+    key = hash_rng.dropout_key(rng, dropout_rng, block)
     return loss_fn(logits_fn(combine(params, frozen), micro, key, True), micro)
 
   # Differentiates the trainable `params` only (argument 0); `frozen` is a constant.
@@ -90,30 +100,37 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
 
   def train_step(state: dict, frozen: dict, batch: dict):
     rng = jax.random.fold_in(state["rng"], state["step"])
-    row_offset = 0
+    block = 0
+    batch = {k: batch[k] for k in TRAIN_INPUTS if k in batch}
     if reduce_axis is not None:
-      if dropout_rng == "hash":  # this device's rows of the global batch: jit's masks
-        row_offset = jax.lax.axis_index(reduce_axis) * batch["input_ids"].shape[0]
+      device = jax.lax.axis_index(reduce_axis)
+      batch = rows_from(batch, device * batch["input_ids"].shape[0])
+      if dropout_rng == "hash":  # this device's block of the global batch: jit's masks
+        block = device
       else:  # threefry cannot draw by global position: each device draws its own masks
         rng = jax.random.fold_in(rng, jax.lax.axis_index(reduce_axis))
-    batch = {k: batch[k] for k in TRAIN_INPUTS if k in batch}
     if grad_accum_steps == 1:
-      (loss, weight), grads = loss_and_grads(state["params"], frozen, batch, rng, row_offset)
+      (loss, weight), grads = loss_and_grads(state["params"], frozen, batch, rng, block)
     else:
       micro = jax.tree_util.tree_map(
           lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+      micro_rows = batch["input_ids"].shape[0] // grad_accum_steps
 
       def accumulate(carry, xs):
         i, mb = xs
+        mb = rows_from(mb, i * micro_rows)
         (l, w), g = loss_and_grads(state["params"], frozen, mb, jax.random.fold_in(rng, i),
-                                   row_offset)
+                                   block)
         acc_l, acc_w, acc_g = carry
         return (acc_l + l, acc_w + w, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
 
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
       (loss, weight, grads), _ = jax.lax.scan(
           accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (jnp.arange(grad_accum_steps), micro))
-    tokens = jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))
+    if "segment_ids" in batch:  # packed: every token of a segment is an example's
+      tokens = jnp.sum(batch["segment_ids"] > 0)
+    else:
+      tokens = jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))
     examples = jnp.sum(batch["weights"])
     if reduce_axis is not None:
       loss, weight, grads, tokens, examples = jax.lax.psum(

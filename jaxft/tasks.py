@@ -52,17 +52,22 @@ class Task:
       losses = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(-1)
     else:  # token-level: every scored token counts once
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-      weights = batch["label_weights"] * weights[:, None]
+      weights = batch["label_weights"]
+      if "segment_ids" not in batch:  # packed rows: padding already weighs 0 per token
+        weights = weights * batch["weights"][:, None]
     return jnp.sum(losses * weights), jnp.sum(weights)
 
   def eval_outputs(self, logits: jax.Array, batch: dict) -> dict:
     """What evaluation pulls to the host per row: logits, except for mlm, whose [B, T, vocab]
-    logits are reduced on the devices to a summed negative log-likelihood per row."""
+    logits are reduced on the devices to a summed negative log-likelihood per row (per token
+    for packed rows, which hold several examples)."""
     if self.kind != "mlm":
       return {"logits": logits}
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     correct = (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)
     w = batch["label_weights"]
+    if "segment_ids" in batch:  # packed rows: per token, the host sums each example's span
+      return {"nll": nll * w, "correct": correct * w, "count": w}
     return {"nll": jnp.sum(nll * w, -1), "correct": jnp.sum(correct * w, -1),
             "count": jnp.sum(w, -1)}
 

@@ -14,7 +14,6 @@ if __name__ == "__main__":  # `python -m jaxft.train`: start-up comes before JAX
   runtime.start_process()
 
 import json
-import math
 import os
 import queue
 import signal
@@ -39,7 +38,8 @@ from jaxft.metrics import MetricWriter, read_metrics, scalars
 # Config keys a resumed run must share with the run that wrote the workdir's checkpoints.
 _RESUME_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "data.text_fields",
                 "data.label_field", "train.batch_size", "seed", "peft.method",
-                "peft.trainable_rules", "peft.lora.rank", "peft.lora.targets")
+                "peft.trainable_rules", "peft.lora.rank", "peft.lora.targets",
+                "data.packing", "data.packing_length", "data.packing_rows")
 
 
 def _lookup(c, dotted: str):
@@ -59,9 +59,11 @@ def _prepare_workdir(workdir: str) -> None:
     fail(f"workdir {workdir} is not writable ({e.strerror or e}); choose another --workdir")
 
 
-# Keys whose unset value ("auto", None) the platform decides at start: a run resumed on
-# another platform keeps what config.json recorded, so it goes on training the same model.
-_PLATFORM_CHOICES = {"train.compute_dtype": "auto", "model.attention_dropout": None}
+# Keys whose unset value ("auto", None, 0) the run decides at start, from the platform or the
+# mesh: a run resumed elsewhere keeps what config.json recorded, so it goes on training the
+# same model on the same batches.
+_PLATFORM_CHOICES = {"train.compute_dtype": "auto", "model.attention_dropout": None,
+                     "data.packing": "auto", "data.packing_groups": 0}
 
 
 def _saved_config(workdir: str):
@@ -107,7 +109,8 @@ def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int
           "num_train_steps": num_steps,
           "train_examples": len(exp.train_data), "devices": jax.device_count(),
           "processes": jax.process_count(), "mesh": dict(exp.mesh.shape),
-          "bucket_lengths": list(exp.buckets), "attention": exp.model.attention}
+          "bucket_lengths": list(exp.buckets), "attention": exp.model.attention,
+          "packing": exp.packing}
   storage.write_text(storage.join(workdir, "run.json"), json.dumps(info, indent=2))
 
 
@@ -146,19 +149,30 @@ def _timed(items: Iterator, waited: list) -> Iterator:
     yield item
 
 
-def _train_batches(exp, train_step, data, start_step: int, num_steps: int, spe: int
-                   ) -> Iterator:
-  """(step, padded width, device batch) from `start_step` on; batch = f(seed, epoch, index)."""
-  c = exp.config
-  epoch_cache: dict[int, list] = {}
+def _host_train_batch(exp, data, steps, step: int) -> dict:
+  """This process's share of training step `step`'s batch (jaxft.data.order)."""
+  chosen, shape = steps.step(step)
+  epoch, _ = steps.locate(step)
+  if shape is None:
+    return exp.host_batch(data, chosen, exp.config.train.batch_size, epoch)
+  return exp.host_packed_batch(data, chosen, shape, epoch)
+
+
+def _train_batches(exp, train_step, data, steps, start_step: int, num_steps: int) -> Iterator:
+  """(step, padded tokens of the global batch, device batch) from `start_step` on; batch =
+  f(seed, epoch, index)."""
   for step in range(start_step, num_steps):
-    epoch, index = divmod(step, spe)
-    if epoch not in epoch_cache:
-      epoch_cache.clear()
-      epoch_cache[epoch] = batching.epoch_batches(
-          data.lengths, c.train.batch_size, c.seed, epoch, c.data.bucket_window_batches)
-    host = exp.host_batch(data, epoch_cache[epoch][index], c.train.batch_size)
-    yield step, host["input_ids"].shape[1], train_step.device_batch(host)
+    host = _host_train_batch(exp, data, steps, step)
+    yield step, host["input_ids"].size * jax.process_count(), train_step.device_batch(host)
+
+
+def _first_batches_of_each_shape(exp, data, steps) -> list[dict]:
+  """One host batch of every shape training can take: what to compile before step 1."""
+  if exp.packing == "off":
+    return [exp.host_batch(data, [int(i)], exp.config.train.batch_size)
+            for i in batching.first_of_each_width(data.lengths, exp.buckets)]
+  empty = lambda shape: [[] for _ in range(shape.groups)]
+  return [exp.host_packed_batch(data, empty(shape), shape) for shape in steps.shapes()]
 
 
 class _Progress:
@@ -283,8 +297,9 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
   val_data = exp.load_split("validation") if config.data.validation_file else None
 
   # ---- steps, schedule, optimizer ------------------------------------------------------------
-  spe = batching.steps_per_epoch(len(train_data), t.batch_size)
-  num_steps = t.num_train_steps or max(1, math.ceil(t.num_epochs * spe))
+  steps = exp.train_order(train_data)
+  spe = steps.steps_per_epoch
+  num_steps = t.num_train_steps or steps.num_steps(t.num_epochs)
   eval_every = t.eval_every or spe
   save_every = k.save_every or eval_every
   tx, schedule = exp.optimizer(num_steps)
@@ -331,15 +346,14 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
   frozen = exp.frozen()
   if start < num_steps:
     train_step.precompile(
-        state, frozen,
-        [exp.host_batch(train_data, [int(i)], t.batch_size)
-         for i in batching.first_of_each_width(train_data.lengths, exp.buckets)],
+        state, frozen, _first_batches_of_each_shape(exp, train_data, steps),
         predictor.programs,
         [] if val_data is None else predictor.first_batch_of_each_width(val_data))
 
   def meta_for(step: int, eval_metrics: Optional[dict]) -> dict:
-    epoch, index = divmod(step, spe)
-    return {"step": step, "epoch": epoch, "batch_in_epoch": index, "steps_per_epoch": spe,
+    epoch, index = steps.locate(step)
+    return {"step": step, "epoch": epoch, "batch_in_epoch": index,
+            "steps_per_epoch": steps.steps_in_epoch(epoch),
             "metrics": eval_metrics, "label_names": list(exp.label_names),
             "base_model": {"name_or_path": config.model.name_or_path,
                            "fingerprint": fingerprint}}
@@ -354,12 +368,12 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
   done, stopped_early = start, False
   preemption = _PreemptionWatch()
   try:
-    for step, width, batch in _timed(_prefetch(
-        _train_batches(exp, train_step, train_data, start, num_steps, spe)), input_wait):
+    for step, padded, batch in _timed(_prefetch(
+        _train_batches(exp, train_step, train_data, steps, start, num_steps)), input_wait):
       state, step_metrics = train_step(state, frozen, batch)
       done = step + 1
-      pending.append((done, t.batch_size * width, step_metrics))
-      shapes_seen.add(width)
+      pending.append((done, padded, step_metrics))
+      shapes_seen.add(batch["input_ids"].shape)
 
       preempted = preemption.requested(ckpts, done)
       log_now = done % t.log_every == 0 or done == num_steps or preempted
@@ -371,7 +385,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
         now = time.perf_counter()
         summary = _summarise(pending, now - last_log, input_wait[0])
         summary["skipped_steps"] = skipped
-        summary["batch_shapes"] = len(shapes_seen)  # distinct padded lengths so far
+        summary["batch_shapes"] = len(shapes_seen)  # distinct batch shapes so far
         summary.update(compiled.CompileStats.snapshot())  # cumulative, this process
         summary["trainable_params"] = counts["trainable"]
         summary["total_params"] = counts["total"]

@@ -3,7 +3,8 @@
 Run as a script: it must set the CPU device count before JAX starts.
   python tests/parallel_losses.py --model=DIR --train=F --dev=F --out=OUT.json \
       --layout=one:jit:1 --layout=dp8:jit:8:data=8 --layout=pmap8:pmap:8:data=8 ...
-A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]; a NAME starting with "lora" trains LoRA. With --eval_layouts, each run's checkpoint is
+A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]; a NAME starting with "lora" trains LoRA, one
+starting with "packed" packs its batches (by tokens, in 8 groups whatever the mesh). With --eval_layouts, each run's checkpoint is
 also evaluated on every layout given there (restore on another mesh).
 """
 
@@ -32,13 +33,17 @@ def parse_layout(text):
   return name, mode, int(ndev), mesh
 
 
-def tiny_config(args, mode, mesh, steps, peft_method="none"):
+def tiny_config(args, mode, mesh, steps, peft_method="none", packed=False):
   c = base_config()
   c.peft.method = peft_method
   c.model.name_or_path = args.model
   c.model.pooling = "mean"
   c.data.train_file, c.data.validation_file = args.train, args.dev
   c.data.max_seq_length = 64
+  # Packed layouts pack into 8 groups on every mesh, so that all see the same rows (and
+  # dropout masks); the others pad.
+  c.data.packing = "tokens" if packed else "off"
+  c.data.packing_groups = 8 if packed else 0
   c.train.batch_size = 16
   c.train.eval_batch_size = 32
   c.train.learning_rate = 3e-3
@@ -97,8 +102,8 @@ def main():
     workdir = os.path.join(args.workdir, name)
     devices = jax.devices()[:ndev]
     method = "lora" if name.startswith("lora") else "none"  # e.g. --layout=lora_fsdp:jit:8:...
-    final = train.train_and_evaluate(tiny_config(args, mode, mesh, args.steps, method), workdir,
-                                     devices)
+    config = tiny_config(args, mode, mesh, args.steps, method, name.startswith("packed"))
+    final = train.train_and_evaluate(config, workdir, devices)
     records = read_metrics(workdir, "train")
     entry = {"losses": [r["loss"] for r in records], "accuracy": final["accuracy"],
              "compiles": [r["compiles"] for r in records],  # cumulative, this process

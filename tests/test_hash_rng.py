@@ -36,14 +36,15 @@ def test_keys_give_independent_masks_and_fold_in_like_threefry():
   assert not np.array_equal(keep(folded), a)
 
 
-def test_a_row_offset_draws_the_global_batchs_rows():
-  """pmap's device d (its key's row offset: its first global row) draws exactly the rows of
-  the mask one device draws for the global batch; shared 4-D (attention) masks take no offset;
-  the offset survives fold_in and split, as flax's make_rng uses them."""
+def test_a_block_index_draws_the_global_batchs_rows():
+  """pmap's device d (its key's block index) draws exactly its block of the mask one device
+  draws for the global batch, whatever the leading size (rows, or packed example slots);
+  shared 4-D (attention) masks take no offset; the block survives fold_in and split, as flax's
+  make_rng uses them."""
   base = jax.random.PRNGKey(4)
   full = np.asarray(jax.random.bernoulli(hash_rng.dropout_key(base, "hash"), 0.5, (8, 5, 6)))
   for device in range(4):
-    key = hash_rng.dropout_key(base, "hash", row_offset=device * 2)
+    key = hash_rng.dropout_key(base, "hash", block=device)
     rows = np.asarray(jax.random.bernoulli(key, 0.5, (2, 5, 6)))
     np.testing.assert_array_equal(rows, full[device * 2:device * 2 + 2])
     two_d = np.asarray(jax.random.bits(jax.random.fold_in(key, 3), (2, 30)))
@@ -51,6 +52,9 @@ def test_a_row_offset_draws_the_global_batchs_rows():
         jax.random.fold_in(hash_rng.dropout_key(base, "hash"), 3), (8, 30)))[device * 2:][:2])
     shared = lambda k: np.asarray(jax.random.bits(jax.random.split(k)[1], (1, 1, 4, 4)))
     np.testing.assert_array_equal(shared(key), shared(hash_rng.dropout_key(base, "hash")))
+    slots = np.asarray(jax.random.bits(key, (3, 7)))  # another leading size: 3 per device
+    np.testing.assert_array_equal(slots, np.asarray(jax.random.bits(
+        hash_rng.dropout_key(base, "hash"), (12, 7)))[device * 3:device * 3 + 3])
 
 
 def test_flax_dropout_draws_from_it_inside_jit():

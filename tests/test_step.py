@@ -1,5 +1,7 @@
 """The train step: padding rows cost nothing, accumulation equals one big batch, eval counts all."""
 
+import contextlib
+
 import jax
 import numpy as np
 import pytest
@@ -84,6 +86,19 @@ def test_evaluation_counts_every_example_in_file_order(exp):
   assert metrics["accuracy"] == pytest.approx(expected)
 
 
+@contextlib.contextmanager
+def _traced_functions():
+  """The names of the functions JAX traces inside the block, in order."""
+  traced = []
+  listener = lambda event, duration, **kw: traced.append(kw.get("fun_name")) if (
+      event == "/jax/core/compile/jaxpr_trace_duration") else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield traced
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_does(
     tiny_config, tmp_path, minilm_dir):
   """Several batch widths: the train step is traced once with a symbolic width (jax.export) and
@@ -99,17 +114,12 @@ def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_d
   tx, schedule = exp.optimizer(10)
   widths = (16, 24, 40)
   hosts = [batching.make_batch(exp.train_data, np.arange(16), 16, (w,)) for w in widths]
-  traced = []
-  listener = lambda event, duration, **kw: traced.append(kw.get("fun_name")) if (
-      event == "/jax/core/compile/jaxpr_trace_duration") else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with _traced_functions() as traced:
     precompiled = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
     precompiled.precompile(exp.init_state(tx), {}, hosts)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert traced.count("train_step") == 1, traced
-  assert sorted(precompiled._programs.compiled) == list(widths)
+  # programs by batch shape: (rows, width, example slots)
+  assert sorted(precompiled._programs.compiled) == [(16, w, 16) for w in widths]
   per_shape = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
   before = _flat(jax.device_get(exp.init_state(tx)["params"]))
   for host in hosts:
@@ -124,6 +134,36 @@ def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_d
     np.testing.assert_allclose(u1, u2, rtol=0, atol=1e-3 * np.abs(u1).max())
 
 
+def test_packed_row_counts_share_one_trace(tiny_config):
+  """Packed by examples, steps differ in their number of rows: one trace with symbolic rows,
+  and each program computes what the step traced for its one shape does."""
+  from jaxft.data import packing
+  config = tiny_config.copy_and_resolve_references()
+  config.unlock()
+  config.data.packing = "examples"
+  config.lock()
+  exp = experiment.build(config, devices=jax.devices()[:1])
+  tx, schedule = exp.optimizer(10)
+  placement = packing.pack_step(exp.train_data.lengths, np.arange(16), 64, 1, 16)
+  counts = [packing.rows_needed(placement) + extra for extra in (0, 1, 3)]
+  hosts = [exp.host_packed_batch(exp.train_data, placement, packing.Shape(rows, 64, 16))
+           for rows in counts]
+  with _traced_functions() as traced:
+    precompiled = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+    precompiled.precompile(exp.init_state(tx), {}, hosts)
+  assert traced.count("train_step") == 1, traced
+  assert sorted(precompiled._programs.compiled) == [(r, 64, 16) for r in counts]
+  per_shape = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  losses = []
+  for host in hosts:
+    pair = [float(step(exp.init_state(tx), {}, step.device_batch(host))[1]["loss"])
+            for step in (precompiled, per_shape)]
+    assert pair[0] == pytest.approx(pair[1], rel=1e-6)
+    losses.append(pair[0])
+  # The same 16 examples in more or fewer rows: the same loss (no dropout in the tiny model).
+  assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
+
+
 def test_precompiled_eval_widths_share_one_trace_and_match_the_jitted_eval_step(exp):
   """Evaluation shapes compiled before training: the eval step is traced once for all widths,
   and evaluating through those programs gives what the plainly jitted step gives."""
@@ -133,18 +173,12 @@ def test_precompiled_eval_widths_share_one_trace_and_match_the_jitted_eval_step(
   hosts = [batching.make_batch(data, np.arange(8), 8, (w,)) for w in (16, 24, 40)]
   train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
   eval_step = compiled.eval_step(exp)
-  traced = []
-  listener = lambda event, duration, **kw: traced.append(kw.get("fun_name")) if (
-      event == "/jax/core/compile/jaxpr_trace_duration") else None
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with _traced_functions() as traced:
     train_step.precompile(state, {}, [], eval_step, hosts)
     precompiled = [jax.device_get(eval_step(state["params"], {}, train_step.device_batch(h)))
                    for h in hosts]
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert traced.count("eval_step") == 1, traced  # no trace when the programs run
-  assert sorted(eval_step.compiled) == [16, 24, 40]
+  assert sorted(eval_step.compiled) == [(8, w, 8) for w in (16, 24, 40)]
   plain = compiled.eval_step(exp)
   for host, outputs in zip(hosts, precompiled):
     expected = jax.device_get(plain(state["params"], {}, train_step.device_batch(host)))

@@ -239,8 +239,8 @@ def test_mlm_masking_follows_bert_recipe():
   ids = np.arange(1000, 1000 + 64 * 128).reshape(64, 128).astype(np.int32)
   ids[:, 0], ids[:, -1] = 101, 102
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-           "weights": np.ones(64, np.float32)}
-  out = mlm.mask_tokens(batch, mlm.rng_for(0, 0, 0), 0.15, 103, 30522, [101, 102, 0])
+           "weights": np.ones(64, np.float32), "index": np.arange(64)}
+  out = mlm.mask_tokens(batch, 0, 0, 0.15, 103, 30522, [101, 102, 0])
   chosen = out["label_weights"] > 0
   assert not chosen[:, 0].any() and not chosen[:, -1].any()  # special tokens never
   assert abs(chosen.mean() - 0.15 * 126 / 128) < 0.01
@@ -248,10 +248,14 @@ def test_mlm_masking_follows_bert_recipe():
   kept = out["input_ids"][chosen] == ids[chosen]
   assert abs(masked.mean() - 0.8) < 0.03 and abs(kept.mean() - 0.1) < 0.03
   np.testing.assert_array_equal(out["labels"], ids)
-  again = mlm.mask_tokens(batch, mlm.rng_for(0, 0, 0), 0.15, 103, 30522, [101, 102, 0])
+  again = mlm.mask_tokens(batch, 0, 0, 0.15, 103, 30522, [101, 102, 0])
   np.testing.assert_array_equal(again["input_ids"], out["input_ids"])  # resumable
-  other = mlm.mask_tokens(batch, mlm.rng_for(0, 1, 0), 0.15, 103, 30522, [101, 102, 0])
+  other = mlm.mask_tokens(batch, 0, 1, 0.15, 103, 30522, [101, 102, 0])
   assert (other["label_weights"] != out["label_weights"]).any()  # redrawn every epoch
+  # An example is masked alike wherever it sits: row 5 moved to row 0 of another batch.
+  moved = mlm.mask_tokens({k: v[5:6] for k, v in batch.items()}, 0, 0, 0.15, 103, 30522,
+                          [101, 102, 0])
+  np.testing.assert_array_equal(moved["input_ids"][0], out["input_ids"][5])
 
 
 # ---- wrong kind for the data -------------------------------------------------------------------

@@ -75,9 +75,11 @@ def test_early_stopping_ends_training(tiny_config, tmp_path):
   assert val_steps == [2, 4, 6]  # the first sets the best; two evaluations without improvement
 
 
-def test_no_compilation_after_the_first_epoch(tiny_config, tmp_path):
-  """Sentences of 3 to ~45 word pieces fall into three bucket lengths; every shape is compiled
-  in epoch 1 (training and evaluation), none after it, and the logs say how much was padding."""
+@pytest.mark.parametrize("packing", ["off", "tokens", "examples"])
+def test_no_compilation_after_the_first_epoch(tiny_config, tmp_path, packing):
+  """Sentences of 3 to ~45 word pieces fall into three bucket lengths (unpacked) or pack into
+  one shape (by tokens) or at most four (by examples); every shape is compiled before step 1
+  (training and evaluation), none after it, and the logs say how much was padding."""
   import random
   from conftest import FILLER, write_tsv
   rng = random.Random(0)
@@ -88,14 +90,23 @@ def test_no_compilation_after_the_first_epoch(tiny_config, tmp_path):
   with config.unlocked():
     config.data.train_file = config.data.validation_file = train_file
     config.train.num_epochs, config.train.log_every = 3.0, 1
+    config.data.packing = packing
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(config, workdir)
   records = [r for r in read_metrics(workdir) if r["split"] == "train"]
-  assert len(records) == 36 and records[-1]["batch_shapes"] >= 3
-  after_first_epoch = [r["compiles"] for r in records if r["step"] > 12]
-  assert after_first_epoch == [records[-1]["compiles"]] * 24, after_first_epoch
-  # Every training and evaluation shape is compiled before step 1.
+  # Every training and evaluation shape is compiled before step 1, none after.
   assert records[0]["compiles"] == records[-1]["compiles"], [r["compiles"] for r in records]
+  if packing == "tokens":
+    assert records[-1]["batch_shapes"] == 1
+    # 192 examples of ~16 tokens in rows of 64: nearly every position is an example's.
+    assert sum(r["padding_fraction"] for r in records) / len(records) < 0.1
+    assert sum(r["examples_per_sec"] > 0 for r in records) == len(records)
+    return
+  if packing == "examples":
+    assert 1 <= records[-1]["batch_shapes"] <= 4 and len(records) == 36
+    assert sum(r["padding_fraction"] for r in records) / len(records) < 0.3
+    return
+  assert len(records) == 36 and records[-1]["batch_shapes"] >= 3
   # Mean length ~16 of 64: padded to max_seq_length, 3/4 of the positions would be padding;
   # the fixed 16/32/48/64 ladder left ~0.48, lengths fitted to these batches leave 0.28 (a batch
   # of equal lengths may have none).

@@ -10,14 +10,18 @@
 // Layout: q, k, v, out and their gradients are [batch, length, heads, depth] (the layout of
 // Hugging Face's _split_heads), float32, depth a multiple of 16. bias is [batch or 0, length]
 // (added to every query's scores: padding), mult is [heads or 1 or 0, length, length] (the
-// dropout keep mask / keep probability, times a head mask; 0 rows: none). The forward also
-// returns each query row's softmax statistics [batch, heads, length, 2] (the largest score and
-// 1 / the sum of exponentials); the backward recomputes the probabilities from them instead of
-// keeping them, as FlashAttention does. (Not one log-sum-exp: in a row whose keys are all
+// dropout keep mask / keep probability, times a head mask) and segments is [batch or 0, length]
+// (segment ids); 0 rows: none. Segments are for sequence packing, which puts several examples
+// in one row: query i sees key j only where segments[b, j] == segments[b, i] (block-diagonal
+// attention; every query sees itself, and padding, segment 0, sees only padding). The forward
+// also returns each query row's softmax statistics [batch, heads, length, 2] (the largest score
+// and 1 / the sum of exponentials); the backward recomputes the probabilities from them instead
+// of keeping them, as FlashAttention does. (Not one log-sum-exp: in a row whose keys are all
 // masked, max + log(sum) rounds back to max, and the row would come back as ones.)
 //
-// Values: out = (softmax(q k^T / sqrt(depth) + bias) * mult) v, as jaxft/attention.py's JAX path
-// computes (jaxft/cpu/attention.py calls these handlers).
+// Values: out = (softmax(q k^T / sqrt(depth) + bias + segment mask) * mult) v, the segment mask
+// -inf where the key's segment is not the query's, as jaxft/attention.py's JAX path computes
+// (jaxft/cpu/attention.py calls these handlers).
 
 #include <algorithm>
 #include <atomic>
@@ -137,7 +141,7 @@ struct Shape {
 // What one call computes on: the operands (see the file comment) and their shape.
 struct Problem {
   Shape shape;
-  const float *q, *k, *v, *bias, *mult;  // bias, mult: null when absent
+  const float *q, *k, *v, *bias, *mult, *segments;  // bias, mult, segments: null when absent
   int64_t mult_heads;
   const float* mult_tile(int64_t h) const {
     return mult ? mult + (mult_heads > 1 ? h : 0) * shape.length * shape.length : nullptr;
@@ -189,6 +193,27 @@ void bias_row(const Problem& pr, int64_t b, float* out) {
     out[j] = j >= s.length ? -INFINITY : pr.bias ? pr.bias[b * s.length + j] : 0.f;
 }
 
+// The segment ids of batch row b over [0, padded) (0 past length, where bias_row's -inf
+// already masks the keys), or null without segments.
+const float* segment_row(const Problem& pr, int64_t b, float* out) {
+  const Shape& s = pr.shape;
+  if (!pr.segments) return nullptr;
+  for (int64_t j = 0; j < s.padded; ++j)
+    out[j] = j < s.length ? pr.segments[b * s.length + j] : 0.f;
+  return out;
+}
+
+// The bias of query i's scores: the key bias `bias` where key j is in query i's segment, -inf
+// elsewhere, written to `out`; without segments, `bias` itself (shared by all queries).
+inline const float* query_bias(const float* bias, const float* segments, int64_t i,
+                               int64_t padded, float* out) {
+  if (!segments) return bias;
+  const vf own = splat(segments[i]);
+  for (int64_t j = 0; j < padded; j += W)
+    store(out + j, load(segments + j) == own ? load(bias + j) : splat(-INFINITY));
+  return out;
+}
+
 // W floats from p[j], lanes at or beyond `length` zero (the tail of an unpadded row).
 inline vf load_row(const float* p, int64_t j, int64_t length) {
   if (j + W <= length) return load(p + j);
@@ -236,18 +261,20 @@ float* scratch(int64_t floats) {
 void forward_task(const Problem& pr, const Task& t, float* out, float* stats) {
   const Shape& s = pr.shape;
   const int64_t block = s.depth * s.padded;
-  float* kt = scratch(t.heads() * block + s.tile() + s.padded);
+  float* kt = scratch(t.heads() * block + s.tile() + 3 * s.padded);
   float* p = kt + t.heads() * block;  // scores, then exp(scores - max) * mult
   float* bias = p + s.tile();
+  float* own_bias = bias + s.padded;  // one query's bias, with segments
   pack_transposed(pr.k, s, t, kt);
   bias_row(pr, t.b, bias);
+  const float* segments = segment_row(pr, t.b, own_bias + s.padded);
   for (int64_t h = t.h0; h < t.h1; ++h) {
     scores(pr.q, kt + (h - t.h0) * block, s, t.b, h, p);
     const float* mult = pr.mult_tile(h);
     float* row_stats = stats + (t.b * s.heads + h) * s.length * 2;
     for (int64_t i = 0; i < s.length; ++i)
-      softmax_row(p + i * s.padded, bias, mult ? mult + i * s.length : nullptr, s.length,
-                  s.padded, row_stats + 2 * i);
+      softmax_row(p + i * s.padded, query_bias(bias, segments, i, s.padded, own_bias),
+                  mult ? mult + i * s.length : nullptr, s.length, s.padded, row_stats + 2 * i);
     // out = diag(1 / sums) p v: the division applied to depth outputs per row, not length.
     gemm<false>(p, s.padded, pr.v + s.offset(t.b, h), s.row(), s.length, s.depth, s.length,
                 out + s.offset(t.b, h), s.row(), 1.f, row_stats + 1, 2);
@@ -259,15 +286,17 @@ void backward_task(const Problem& pr, const Task& t, const float* stats, const f
   const Shape& s = pr.shape;
   const float scale = 1.f / std::sqrt(static_cast<float>(s.depth));
   const int64_t block = s.depth * s.padded;
-  float* kt = scratch(2 * t.heads() * block + 3 * s.tile() + s.padded);
+  float* kt = scratch(2 * t.heads() * block + 3 * s.tile() + 3 * s.padded);
   float* vt = kt + t.heads() * block;
   float* p = vt + t.heads() * block;  // probabilities
   float* kept = p + s.tile();         // after dropout
   float* ds = kept + s.tile();        // gradient of the scores
   float* bias = ds + s.tile();
+  float* own_bias = bias + s.padded;  // one query's bias, with segments
   pack_transposed(pr.k, s, t, kt);
   pack_transposed(pr.v, s, t, vt);
   bias_row(pr, t.b, bias);
+  const float* segments = segment_row(pr, t.b, own_bias + s.padded);
   for (int64_t h = t.h0; h < t.h1; ++h) {
     const int64_t at = s.offset(t.b, h);
     scores(pr.q, kt + (h - t.h0) * block, s, t.b, h, p);
@@ -276,9 +305,10 @@ void backward_task(const Problem& pr, const Task& t, const float* stats, const f
     float* dropped = mult ? kept : p;
     for (int64_t i = 0; i < s.length; ++i) {  // the forward's probabilities, from its stats
       float* row = p + i * s.padded;
+      const float* row_bias = query_bias(bias, segments, i, s.padded, own_bias);
       const vf max = splat(row_stats[2 * i]), inverse = splat(row_stats[2 * i + 1]);
       for (int64_t j = 0; j < s.padded; j += W) {
-        const vf e = vexp(load(row + j) + load(bias + j) - max) * inverse;
+        const vf e = vexp(load(row + j) + load(row_bias + j) - max) * inverse;
         store(row + j, e);
         if (mult) store(kept + i * s.padded + j, e * load_row(mult + i * s.length, j, s.length));
       }
@@ -351,7 +381,7 @@ ffi::Future failed(ffi::Error error) {
 // The operands of one call, checked against the layouts in the file comment.
 ffi::ErrorOr<Problem> problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
                               ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& bias,
-                              ffi::Buffer<ffi::F32>& mult) {
+                              ffi::Buffer<ffi::F32>& mult, ffi::Buffer<ffi::F32>& segments) {
   const auto d = q.dimensions();
   const auto same = [&](ffi::Span<const int64_t> x) {
     return x.size() == 4 && std::equal(x.begin(), x.end(), d.begin());
@@ -363,7 +393,7 @@ ffi::ErrorOr<Problem> problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k
   Problem pr;
   pr.shape = {d[0], d[1], d[2], d[3], (d[1] + W - 1) / W * W};
   const Shape& s = pr.shape;
-  const auto bd = bias.dimensions(), md = mult.dimensions();
+  const auto bd = bias.dimensions(), md = mult.dimensions(), sd = segments.dimensions();
   if (bd.size() != 2 || (bd[0] != 0 && bd[0] != s.batch) || bd[1] != s.length)
     return ffi::Unexpected(
         ffi::Error::InvalidArgument("jaxft attention: bias must be [batch or 0, length]"));
@@ -371,20 +401,24 @@ ffi::ErrorOr<Problem> problem(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k
       md[2] != s.length)
     return ffi::Unexpected(ffi::Error::InvalidArgument(
         "jaxft attention: mult must be [heads or 1 or 0, length, length]"));
+  if (sd.size() != 2 || (sd[0] != 0 && sd[0] != s.batch) || sd[1] != s.length)
+    return ffi::Unexpected(
+        ffi::Error::InvalidArgument("jaxft attention: segments must be [batch or 0, length]"));
   pr.q = q.typed_data();
   pr.k = k.typed_data();
   pr.v = v.typed_data();
   pr.bias = bd[0] ? bias.typed_data() : nullptr;
   pr.mult_heads = md[0];
   pr.mult = md[0] ? mult.typed_data() : nullptr;
+  pr.segments = sd[0] ? segments.typed_data() : nullptr;
   return pr;
 }
 
 ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
-                    ffi::Buffer<ffi::F32> mult, ffi::ResultBuffer<ffi::F32> out,
-                    ffi::ResultBuffer<ffi::F32> stats) {
-  auto pr = problem(q, k, v, bias, mult);
+                    ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> segments,
+                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> stats) {
+  auto pr = problem(q, k, v, bias, mult, segments);
   if (pr.has_error()) return failed(pr.error());
   const int64_t per_task = heads_per_task(pr->shape, std::max<int64_t>(1, pool.num_threads()));
   return launch(pool, task_count(pr->shape, per_task),
@@ -395,10 +429,11 @@ ffi::Future Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
 
 ffi::Future Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
-                     ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> stats,
-                     ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dq,
-                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  auto pr = problem(q, k, v, bias, mult);
+                     ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> segments,
+                     ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> g,
+                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                     ffi::ResultBuffer<ffi::F32> dv) {
+  auto pr = problem(q, k, v, bias, mult, segments);
   if (pr.has_error()) return failed(pr.error());
   const int64_t per_task = heads_per_task(pr->shape, std::max<int64_t>(1, pool.num_threads()));
   return launch(pool, task_count(pr->shape, per_task),
@@ -419,10 +454,10 @@ JAXFT_EXPORT XLA_FFI_Error* JaxftAttentionBackward(XLA_FFI_CallFrame* call_frame
 namespace {
 using F32 = ffi::Buffer<ffi::F32>;
 
-// What both handlers take first: the intra-op thread pool, then q, k, v, bias, mult.
+// What both handlers take first: the intra-op thread pool, then q, k, v, bias, mult, segments.
 auto bind_operands() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-      .Arg<F32>();
+      .Arg<F32>().Arg<F32>();
 }
 }  // namespace
 

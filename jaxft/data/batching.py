@@ -156,6 +156,9 @@ def make_batch(data: Encoded, indices: np.ndarray, batch_size: int,
 
 def host_rows(batch: dict[str, np.ndarray], process_index: int,
               process_count: int) -> dict[str, np.ndarray]:
-  """This host's contiguous share of a global batch (every host computes the same indices)."""
-  rows = len(next(iter(batch.values()))) // process_count
-  return {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
+  """This host's contiguous share of a global batch (every host computes the same indices):
+  of each array's leading axis (rows, or a packed batch's example slots)."""
+  def share(v):
+    n = len(v) // process_count
+    return v[process_index * n:(process_index + 1) * n]
+  return {k: share(v) for k, v in batch.items()}
