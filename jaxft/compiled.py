@@ -264,16 +264,17 @@ def _remove(path: str) -> None:
 
 
 # ---- programs per batch width --------------------------------------------------------------
-def _width(batch: dict) -> tuple:
-  """What tells a batch's programs apart: the token ids' shape ([rows, width], or pmap's
+def _batch_shape(batch: dict) -> tuple:
+  """What tells a batch's programs apart (the key of WidthPrograms.compiled): the token ids' shape ([rows, width], or pmap's
   [devices, rows per device, width]) and, for packed batches, the example slots'."""
   return tuple(batch["input_ids"].shape) + tuple(batch["weights"].shape)
 
 
 class WidthPrograms:
   """`transform(fn, **jit_kwargs)` (jax.jit or jax.pmap) for a step `fn(*fixed_args, batch)`,
-  with a program per batch width compiled ahead of time (`compile_widths`): a call runs the
-  program of its batch's width, else the jitted function (which compiles on first use)."""
+  with a program per batch shape (width, or a packed batch's rows) compiled ahead of time
+  (`pending`, `compile_all`): a call runs the program of its batch's shape, else the jitted
+  function (which compiles on first use)."""
 
   def __init__(self, fn: Callable, transform: Callable = jax.jit,
                cache_prefix: Optional[str] = None, **jit_kwargs):
@@ -282,10 +283,10 @@ class WidthPrograms:
     self._cache_prefix = cache_prefix if transform is jax.jit else None
     self._jit_kwargs = jit_kwargs
     self.jitted = transform(fn, **jit_kwargs)
-    self.compiled: dict[tuple, Any] = {}  # batch shape (_width) -> compiled program
+    self.compiled: dict[tuple, Any] = {}  # _batch_shape(batch) -> compiled program
 
   def __call__(self, *args):
-    return self.compiled.get(_width(args[-1]), self.jitted)(*args)
+    return self.compiled.get(_batch_shape(args[-1]), self.jitted)(*args)
 
   def pending(self, host_batches: Sequence[dict], to_device: Callable, fixed_args: tuple
               ) -> list[tuple["WidthPrograms", int, Callable, Optional[str]]]:
@@ -296,7 +297,7 @@ class WidthPrograms:
     by_width = {}
     for host_batch in host_batches:
       batch = to_device(host_batch)  # keyed as calls are: by the global batch's shape
-      width = _width(batch)
+      width = _batch_shape(batch)
       if width not in self.compiled and width not in by_width:
         by_width[width] = batch
     lowering = functools.cache(lambda: self.lowering(fixed_args, list(by_width.values())))
@@ -314,14 +315,14 @@ class WidthPrograms:
     if len(batches) < 2 or jax.process_count() > 1 or self._transform is not jax.jit:
       return per_shape
     try:
-      exported = _export_over_width(self.jitted, fixed_args, batches)
+      exported = _export_over_batch_shape(self.jitted, fixed_args, batches)
     except Exception:  # noqa: BLE001 - any failure only costs the faster path
       return per_shape
     call = jax.jit(exported.call, **self._jit_kwargs)
     return lambda batch: call.lower(*fixed_args, batch)
 
 
-def _export_over_width(jitted, fixed_args: tuple, batches: list[dict]):
+def _export_over_batch_shape(jitted, fixed_args: tuple, batches: list[dict]):
   """`jitted(*fixed_args, batch)` exported (jax.export) with every batch dimension whose size
   differs between `batches` symbolic: the padded width, or a packed batch's rows; dimensions
   that vary alike share one symbol."""

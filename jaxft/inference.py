@@ -118,10 +118,10 @@ class Predictor:
       return self.exp.host_batch(data, chosen, self.exp.config.train.eval_batch_size)
     return self.exp.host_packed_batch(data, chosen, shape)
 
-  def first_batch_of_each_width(self, data: Encoded) -> list[dict]:
+  def first_batch_of_each_width(self, data: Encoded, planned=None) -> list[dict]:
     """The first batch (host arrays) of each shape of `data`'s evaluation: what compiling
-    every evaluation shape ahead of time needs."""
-    batches, shape = self._batches(data)
+    every evaluation shape ahead of time needs. `planned`: `_batches(data)`, if computed."""
+    batches, shape = planned or self._batches(data)
     if shape is not None:
       return [self._host_batch(data, batches[0], shape)]
     maxima = [data.lengths[b].max() for b in batches]
@@ -133,8 +133,8 @@ class Predictor:
     input order; per-token outputs cut to each example's length (mlm: summed over it)."""
     exp, out = self.exp, {}
     frozen = exp.frozen()
-    batches, shape = self._batches(data)
-    compiled.compile_all(self.programs.pending(self.first_batch_of_each_width(data),
+    batches, shape = planned = self._batches(data)
+    compiled.compile_all(self.programs.pending(self.first_batch_of_each_width(data, planned),
                                                exp.to_mesh, (params, frozen)))
     for chosen in batches:
       host = self._host_batch(data, chosen, shape)

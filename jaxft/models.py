@@ -24,6 +24,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from jaxft import attention
+from jaxft.data import packing
 from jaxft.errors import fail
 
 DEFAULT_MODEL = "minilm"
@@ -162,7 +163,7 @@ class Model:
     return 0
 
   def _inputs(self, batch: dict) -> dict:
-    packed = is_packed(batch)
+    packed = packing.is_packed(batch)
     # Packed rows: the segment ids go where the padding mask goes (attention.interceptor reads
     # them; Hugging Face's own "> 0" still marks padding), positions restart per example.
     inputs = {"input_ids": batch["input_ids"],
@@ -184,7 +185,7 @@ class Model:
     """float32 logits, [batch, outputs] or [batch, length, outputs] (token tasks); pure in
     (params, batch, dropout_rng). A packed batch (jaxft.data.packing) gives sequence tasks'
     logits per example slot [slots, outputs], token tasks' per token of its rows."""
-    packed = is_packed(batch)
+    packed = packing.is_packed(batch)
     interceptors = []
     if self.attention != "hf" or packed:
       interceptors.append(attention.interceptor_for(self.attention, packed))
@@ -208,7 +209,7 @@ class Model:
       dropout_rng, head_rng = jax.random.split(dropout_rng)
     hidden = self.hf_model(**self._inputs(batch), params=params[self.base_prefix],
                            dropout_rng=dropout_rng, train=train).last_hidden_state
-    if is_packed(batch):
+    if packing.is_packed(batch):
       pooled = _segment_means(hidden.astype(jnp.float32), batch)
     else:
       mask = batch["attention_mask"][..., None].astype(jnp.float32)
@@ -219,11 +220,6 @@ class Model:
       pooled = jnp.where(keep, pooled / (1.0 - rate), 0.0)
     head = params["classifier"]
     return pooled @ head["kernel"] + head["bias"]
-
-
-def is_packed(batch: dict) -> bool:
-  """Whether `batch` holds packed rows (jaxft.data.packing)."""
-  return "segment_ids" in batch
 
 
 def _first_tokens_of_examples(next_fun, args, kwargs, context, rows, starts):

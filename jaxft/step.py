@@ -16,6 +16,7 @@ import optax
 from flax import traverse_util
 
 from jaxft import hash_rng
+from jaxft.data.packing import is_packed
 
 LogitsFn = Callable[[dict, dict, jax.Array, bool], jax.Array]
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask",
@@ -39,7 +40,7 @@ TRAIN_INPUTS = (*MODEL_INPUTS, "labels", "label_weights", "weights")
 def rows_from(batch: dict, first_row) -> dict:
   """A contiguous part of a packed batch whose first row is `first_row` of the whole batch:
   its examples' rows counted from its own first row (unpacked batches pass through)."""
-  if "example_row" not in batch:
+  if not is_packed(batch):
     return batch
   return {**batch, "example_row": batch["example_row"] - first_row}
 
@@ -127,7 +128,7 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
       (loss, weight, grads), _ = jax.lax.scan(
           accumulate, (jnp.zeros(()), jnp.zeros(()), zeros), (jnp.arange(grad_accum_steps), micro))
-    if "segment_ids" in batch:  # packed: every token of a segment is an example's
+    if is_packed(batch):  # every token of a segment is an example's
       tokens = jnp.sum(batch["segment_ids"] > 0)
     else:
       tokens = jnp.sum(batch["attention_mask"] * (batch["weights"][:, None] > 0))

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from jaxft import metrics
+from jaxft.data.packing import is_packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Task:
     else:  # token-level: every scored token counts once
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
       weights = batch["label_weights"]
-      if "segment_ids" not in batch:  # packed rows: padding already weighs 0 per token
+      if not is_packed(batch):  # packed rows: padding already weighs 0 per token
         weights = weights * batch["weights"][:, None]
     return jnp.sum(losses * weights), jnp.sum(weights)
 
@@ -66,7 +67,7 @@ class Task:
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     correct = (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)
     w = batch["label_weights"]
-    if "segment_ids" in batch:  # packed rows: per token, the host sums each example's span
+    if is_packed(batch):  # packed rows: per token, the host sums each example's span
       return {"nll": nll * w, "correct": correct * w, "count": w}
     return {"nll": jnp.sum(nll * w, -1), "correct": jnp.sum(correct * w, -1),
             "count": jnp.sum(w, -1)}

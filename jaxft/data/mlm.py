@@ -13,12 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxft.data import packing
+
 EVAL_EPOCH = -1  # the key's epoch for evaluation masks
 
 
 def _example_spans(batch: dict) -> list[tuple[int, int, int, int]]:
   """(example, row, first position, length) of every example in `batch`, padded or packed."""
-  if "segment_ids" in batch:
+  if packing.is_packed(batch):
     return [(int(batch["index"][k]), int(batch["example_row"][k]),
              int(batch["example_start"][k]), int(batch["example_length"][k]))
             for k in np.nonzero(batch["index"] >= 0)[0]]

@@ -42,6 +42,11 @@ class Shape:
   groups: int = 1
 
 
+def is_packed(batch: dict) -> bool:
+  """Whether `batch` holds packed rows (make_packed_batch), not one example per row."""
+  return "segment_ids" in batch
+
+
 def first_fit_decreasing(lengths: np.ndarray, length: int, max_per_row: int
                          ) -> list[list[int]]:
   """Positions (into `lengths`) of the examples of each row: longest first, each into the first
@@ -92,9 +97,9 @@ def token_budget_steps(lengths: np.ndarray, shape: Shape, max_per_row: int, seed
   indices), each step `shape.rows` rows of `shape.length` tokens and at most `shape.slots`
   examples. Shuffle all examples; pack windows of about `window_steps` steps' worth by first-fit
   decreasing; rows go to steps in order, the window's steps in shuffled order. Until the last
-  window, the rows that still have room
-  for a typical example (at most one step's worth, the emptiest) and a last partly filled step
-  wait for the next window, whose examples fill them. Every example appears exactly once."""
+  window, the rows that still have room for a typical example (at most one step's worth, the
+  emptiest) and a last partly filled step wait for the next window, whose examples fill them.
+  Every example appears exactly once."""
   rng = np.random.default_rng([seed, epoch, 7])  # 7: another stream than batching's
   order = rng.permutation(len(lengths))
   rows_per_group = shape.rows // shape.groups
@@ -163,10 +168,10 @@ def make_packed_batch(data: Encoded, placement: list[list[list[int]]], shape: Sh
   """The packed batch of `placement` (per group, per row, example indices) in `shape`.
 
   Arrays: per token [rows, length]: input_ids, token_type_ids, position_ids (restarting at
-  each example; the model adds its own offset), segment_ids (1, 2, ... per row; 0 for padding), attention_mask (segment_ids > 0);
-  per example slot [slots]: example_row, example_start,
-  example_length, weights (0 for empty slots), index (the example, -1 for empty slots), and
-  labels for sequence tasks; token tasks carry labels and label_weights per token.
+  each example; the model adds its own offset), segment_ids (1, 2, ... per row; 0 for
+  padding), attention_mask (segment_ids > 0); per example slot [slots]: example_row,
+  example_start, example_length, weights (0 for empty slots), index (the example, -1 for empty
+  slots), and labels for sequence tasks; token tasks carry labels and label_weights per token.
   """
   rows_per_group, slots_per_group = shape.rows // shape.groups, shape.slots // shape.groups
   L = shape.length
@@ -174,7 +179,8 @@ def make_packed_batch(data: Encoded, placement: list[list[list[int]]], shape: Sh
   types = np.zeros((shape.rows, L), np.int32)
   positions = np.zeros((shape.rows, L), np.int32)
   segments = np.zeros((shape.rows, L), np.int32)
-  example_row = np.zeros((shape.slots,), np.int32)
+  # Empty slots point into their own group's first row.
+  example_row = (np.arange(shape.slots) // slots_per_group * rows_per_group).astype(np.int32)
   example_start = np.zeros((shape.slots,), np.int32)
   example_length = np.zeros((shape.slots,), np.int32)
   index = np.full((shape.slots,), -1, np.int64)
@@ -182,8 +188,6 @@ def make_packed_batch(data: Encoded, placement: list[list[list[int]]], shape: Sh
   if per_token:
     tags = np.zeros((shape.rows, L), np.int32)
     tag_weights = np.zeros((shape.rows, L), np.float32)
-  for slot in range(shape.slots):  # empty slots point into their own group's first row
-    example_row[slot] = slot // slots_per_group * rows_per_group
   for g, rows in enumerate(placement):
     if len(rows) > rows_per_group or sum(map(len, rows)) > slots_per_group:
       raise ValueError(f"group {g} holds {len(rows)} rows and {sum(map(len, rows))} examples; "
