@@ -51,6 +51,11 @@ class CompileStats:
     cls.seconds += seconds
 
   @classmethod
+  def reset(cls) -> None:
+    """Counts from zero (a process that runs several trainings, e.g. a sweep's worker)."""
+    cls.programs, cls.seconds, cls.cache_hits = 0, 0.0, 0
+
+  @classmethod
   def snapshot(cls) -> dict:
     return {"compiles": cls.programs, "compile_seconds": cls.seconds,
             "compile_cache_hits": cls.cache_hits}
@@ -379,13 +384,13 @@ def eval_step(exp, cache_prefix: Optional[str] = None) -> WidthPrograms:
                        out_shardings=parallel.batch_sharding(exp.mesh))
 
 
-def train_step(exp, tx, schedule, abstract_state: dict, cache_prefix: Optional[str] = None
+def train_step(exp, tx, learning_rate, abstract_state: dict, cache_prefix: Optional[str] = None
                ) -> "JitTrainStep | PmapTrainStep":
   """The train step for `parallel.mode`, with how its state and batches are laid out.
   `cache_prefix` (experiment_key of "train"): keep its programs across runs (jit only)."""
   if exp.config.parallel.mode == "pmap":
-    return PmapTrainStep(exp, tx, schedule, abstract_state)
-  return JitTrainStep(exp, tx, schedule, abstract_state, cache_prefix)
+    return PmapTrainStep(exp, tx, learning_rate, abstract_state)
+  return JitTrainStep(exp, tx, learning_rate, abstract_state, cache_prefix)
 
 
 class _TrainStep:
@@ -407,10 +412,10 @@ class _TrainStep:
 class JitTrainStep(_TrainStep):
   """`parallel.mode=jit`: one jitted step; state and batches carry their NamedShardings."""
 
-  def __init__(self, exp, tx, schedule, abstract_state: dict,
+  def __init__(self, exp, tx, learning_rate, abstract_state: dict,
                cache_prefix: Optional[str] = None):
     self.exp = exp
-    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
+    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, learning_rate,
                                   exp.config.train.grad_accum_steps,
                                   dropout_rng=exp.config.train.dropout_rng,
                                   nonfinite_guard=step_lib.nonfinite_guard_for(exp.platform))
@@ -445,9 +450,9 @@ class JitTrainStep(_TrainStep):
 class PmapTrainStep(_TrainStep):
   """`parallel.mode=pmap`: the same step under jax.pmap, state replicated on local devices."""
 
-  def __init__(self, exp, tx, schedule, abstract_state: dict):
+  def __init__(self, exp, tx, learning_rate, abstract_state: dict):
     self.exp = exp
-    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, schedule,
+    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, learning_rate,
                                   exp.config.train.grad_accum_steps,
                                   reduce_axis=parallel.PMAP_AXIS,
                                   dropout_rng=exp.config.train.dropout_rng,

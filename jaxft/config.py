@@ -181,6 +181,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_epochs = 1.0
   c.train.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs when set
   c.train.eval_every = 0  # steps between evaluations; 0 = once per epoch (and always at the end)
+  # Evaluations over the whole run, evenly spaced (the last at the end), instead of eval_every:
+  # runs of other lengths and batch sizes then evaluate at the same shares of their training
+  # (what a sweep's pruner compares, jaxft.sweep). 0 = use eval_every.
+  c.train.num_evaluations = 0
   c.train.log_every = 10
   c.train.early_stopping_patience = 0  # evaluations without improvement; 0 = off
   # "auto": bfloat16 on GPU and TPU, float32 on the CPU (resolved at start, recorded in
@@ -323,6 +327,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   else:
     _positive("train.num_epochs", t.num_epochs)
   _non_negative("train.eval_every", t.eval_every)
+  _non_negative("train.num_evaluations", t.num_evaluations)
+  _check(not (t.eval_every and t.num_evaluations),
+         f"config train.eval_every={t.eval_every} and train.num_evaluations={t.num_evaluations} "
+         "both say when to evaluate; set one of them to 0")
   _positive("train.log_every", t.log_every)
   _non_negative("train.early_stopping_patience", t.early_stopping_patience)
   _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)

@@ -159,11 +159,13 @@ class Experiment:
 
   def program_cache_key(self, kind: str, **extra) -> Optional[str]:
     """The program-cache prefix (jaxft.compiled) of this experiment's `kind` of step ("train",
-    "eval"), `extra` naming what else built it (e.g. the schedule's num_steps); None where the
-    cache is off."""
+    "eval"), `extra` naming what else built it; None where the cache is off. The optimizer's
+    run values (seed, learning rate, length, ...) are left out: the step reads them from its
+    state, so runs that differ only in them share programs."""
     if compiled.cache_directory() is None:
       return None
-    return compiled.experiment_key(self.config, self.model_dir, kind,
+    shared = config_lib.replace(self.config, {key: None for key in optim.RUN_VALUE_KEYS})
+    return compiled.experiment_key(shared, self.model_dir, kind,
                                    labels=list(self.label_names),
                                    attention=self.model.attention, **extra)
 

@@ -65,13 +65,14 @@ def nonfinite_guard_for(platform: str) -> str:
 
 
 def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int,
+                    learning_rate: Callable[[dict], jax.Array], grad_accum_steps: int,
                     reduce_axis: Optional[str] = None, dropout_rng: str = "hash",
                     nonfinite_guard: str = "cond"):
   """Returns train_step(state, frozen, batch) -> (state, metrics); jit it with donation.
 
   `loss_fn(logits, batch)` is the task's (jaxft.tasks): a summed loss and the summed weight it
-  is averaged over (examples, or scored tokens).
+  is averaged over (examples, or scored tokens). `learning_rate(state)`: the rate of the state's
+  step, for the metrics (jaxft.optim.make_optimizer).
 
   Under `jax.pmap`, pass the mapped axis name as `reduce_axis`: the summed losses, weights and
   gradients of every device are then added up with `lax.psum` before dividing, which gives the
@@ -158,7 +159,7 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
       params, opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new,
                                                  (state["params"], state["opt_state"]))
     metrics = {"loss": loss / denom, "grad_norm": grad_norm,
-               "learning_rate": schedule(state["step"]), "examples": examples,
+               "learning_rate": learning_rate(state), "examples": examples,
                "tokens": tokens, "finite": finite}
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state,
                  "rng": state["rng"]}

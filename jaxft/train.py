@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -29,7 +29,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxft import (__version__, compiled, config as config_lib, experiment, inference, models,
-                   parallel, runtime, storage)
+                   optim, parallel, runtime, storage)
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.data import batching
 from jaxft.errors import fail
@@ -272,16 +272,32 @@ def _summarise(pending: list, seconds: float, input_wait: float) -> dict:
   }
 
 
+def evaluation_steps(train_config, num_steps: int, steps_per_epoch: int) -> Callable[[int], bool]:
+  """step -> whether training evaluates after it: `num_evaluations` times spread evenly over
+  the run, else every `eval_every` steps (else every epoch) and at the end."""
+  t = train_config
+  if t.num_evaluations:
+    n = t.num_evaluations
+    return {-(-k * num_steps // n) for k in range(1, n + 1)}.__contains__
+  every = t.eval_every or steps_per_epoch
+  return lambda step: step % every == 0 or step == num_steps
+
+
 def _is_better(value: float, best: Optional[float], mode: str) -> bool:
   return best is None or (value > best if mode == "max" else value < best)
 
 
-def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[str] = None
-                       ) -> dict:
+EvaluationHook = Callable[[int, int, dict], bool]
+
+
+def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[str] = None,
+                       on_evaluation: Optional[EvaluationHook] = None) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the final validation metrics.
 
   `devices` (default: all) restricts the run to some devices, e.g. one device in a test;
   `platform` (default: JAX's backend) picks the platform defaults (jaxft.experiment.build).
+  `on_evaluation(step, num_steps, metrics)` is called after each evaluation is logged; True
+  stops the run there, its checkpoint saved (a sweep's pruner, jaxft.sweep).
   """
   parallel.initialize_distributed(config.parallel.distributed)
   runtime.configure_jax()
@@ -300,9 +316,10 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
   steps = exp.train_order(train_data)
   spe = steps.steps_per_epoch
   num_steps = t.num_train_steps or steps.num_steps(t.num_epochs)
-  eval_every = t.eval_every or spe
-  save_every = k.save_every or eval_every
-  tx, schedule = exp.optimizer(num_steps)
+  evaluates_after = evaluation_steps(t, num_steps, spe)
+  # Saves every save_every steps, else where training evaluates (also without validation data).
+  saves_after = (lambda step: step % k.save_every == 0) if k.save_every else evaluates_after
+  tx, learning_rate = exp.optimizer(num_steps)
   abstract = exp.abstract_state(tx)
 
   # ---- state: restored or fresh ----------------------------------------------------------------
@@ -321,6 +338,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
            f"(fingerprint {meta['base_model']['fingerprint']}, now {fingerprint}); use a new "
            "--workdir or the original model")
     progress_log.append(f"resumed from step {latest} of {checkpoint_dir(workdir)}")
+    state = optim.set_run_values(state, optim.run_values(t, num_steps))
   else:
     state = exp.init_state(tx)
   start = int(jax.device_get(state["step"]))
@@ -340,7 +358,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
       evals_since_best += 1
 
   train_step = compiled.train_step(
-      exp, tx, schedule, abstract, exp.program_cache_key("train", num_steps=num_steps))
+      exp, tx, learning_rate, abstract, exp.program_cache_key("train"))
   state = train_step.place(state)
   predictor = inference.Predictor(exp)
   frozen = exp.frozen()
@@ -377,8 +395,8 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
 
       preempted = preemption.requested(ckpts, done)
       log_now = done % t.log_every == 0 or done == num_steps or preempted
-      eval_now = val_data is not None and (done % eval_every == 0 or done == num_steps)
-      save_now = done % save_every == 0 or done == num_steps or eval_now
+      eval_now = val_data is not None and evaluates_after(done)
+      save_now = saves_after(done) or done == num_steps or eval_now
       if log_now or eval_now or save_now:
         skipped = _check_finite(pending, t.nonfinite)  # before anything is logged, evaluated, saved
       if log_now:
@@ -422,12 +440,17 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
 
       stop = bool(t.early_stopping_patience and evaluated is not None
                   and evals_since_best >= t.early_stopping_patience)
-      if save_now or stop:
+      told_to_stop = bool(evaluated is not None and on_evaluation is not None
+                          and on_evaluation(done, num_steps, evaluated))
+      if save_now or stop or told_to_stop:
         ckpts.save(done, train_step.savable(state), meta_for(done, evaluated),
                    metrics=None if evaluated is None else scalars(evaluated))
       if stop:
         progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
                        f"{evals_since_best} evaluations (best {best:.4f})")
+      elif told_to_stop:
+        progress.write(f"stopped at step {done} by the caller (e.g. a sweep's pruner)")
+      if stop or told_to_stop:
         stopped_early = True
         break
   finally:

@@ -78,7 +78,7 @@ def memory_report(args):
     tx, _ = exp.optimizer(1)
     state = exp.init_state(tx)
     kernel = state["params"]["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]["kernel"]
-    mu = state["opt_state"][1].mu["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
+    mu = state["opt_state"].inner[1].mu["bert"]["encoder"]["layer"]["0"]["intermediate"]["dense"]
     report[name] = {"state_bytes_per_device": state_bytes_per_device(state),
                     "kernel_shape": list(kernel.shape),
                     "kernel_shard_shape": list(kernel.addressable_shards[0].data.shape),

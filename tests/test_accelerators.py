@@ -50,9 +50,9 @@ def test_attention_dropout_is_zero_on_the_fused_path_else_the_checkpoints(tiny_c
 
 
 def _lowered_train_step(exp, platforms):
-  tx, schedule = exp.optimizer(10)
+  tx, learning_rate = exp.optimizer(10)
   abstract = exp.abstract_state(tx)
-  step = compiled.train_step(exp, tx, schedule, abstract)
+  step = compiled.train_step(exp, tx, learning_rate, abstract)
   batch = step.device_batch(exp.host_batch(exp.train_data, np.arange(16), 16))
   spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
   ours = [export.DisabledSafetyCheck.custom_call(t) for t in attention.custom_call_targets()]

@@ -64,9 +64,9 @@ def test_no_gradient_is_computed_for_frozen_leaves(tiny_config):
   """The step's outputs hold only trainable shapes, and it does far less work than full FT."""
   def compiled_step(config):
     exp = experiment.build(config)
-    tx, schedule = exp.optimizer(10)
+    tx, learning_rate = exp.optimizer(10)
     abstract = exp.abstract_state(tx)
-    train_step = compiled.train_step(exp, tx, schedule, abstract)
+    train_step = compiled.train_step(exp, tx, learning_rate, abstract)
     host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)
     batch = train_step.device_batch(host)
     lowered = train_step._programs.jitted.lower(abstract, exp.frozen(), batch)

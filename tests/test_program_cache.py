@@ -67,12 +67,12 @@ def test_a_loaded_train_step_donates_its_state_and_matches_a_compiled_one(tiny_c
   real_load = compiled.load
   monkeypatch.setattr(compiled, "load", lambda key: loaded.append(key) or real_load(key))
   exp = experiment.build(tiny_config)
-  tx, schedule = exp.optimizer(10)
-  prefix = exp.program_cache_key("train", num_steps=10)
+  tx, learning_rate = exp.optimizer(10)
+  prefix = exp.program_cache_key("train")
   hosts = [batching.make_batch(exp.train_data, np.arange(16), 16, (w,)) for w in (16, 24)]
   results = []
   for _ in range(2):  # compiles and stores, then loads
-    train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx), prefix)
+    train_step = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx), prefix)
     state = exp.init_state(tx)
     train_step.precompile(state, {}, hosts)
     batch = train_step.device_batch(hosts[1])
@@ -84,6 +84,39 @@ def test_a_loaded_train_step_donates_its_state_and_matches_a_compiled_one(tiny_c
   assert loss1 == loss2
   for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p2)):
     np.testing.assert_array_equal(a, b)
+
+
+RUN_VALUES = {"train.learning_rate": 3e-3, "seed": 7, "train.num_epochs": 2.0,
+              "train.warmup_ratio": 0.3, "train.weight_decay": 0.1, "train.max_grad_norm": 0.5}
+
+
+def test_runs_that_differ_in_run_values_share_programs_and_use_their_own_values(
+    tiny_config, tmp_path, cache_dir, monkeypatch):
+  """A sweep's trials: another learning rate, seed, length, decay and clipping run on the
+  programs the first run stored, and train exactly as a run that compiled its own."""
+  from jaxft import config as config_lib
+  train.train_and_evaluate(tiny_config, str(tmp_path / "first"))
+  stored = _stored(cache_dir)
+  other = config_lib.replace(tiny_config, RUN_VALUES)
+  assert (experiment.build(other).program_cache_key("train")
+          == experiment.build(tiny_config).program_cache_key("train"))
+
+  loads = []
+  real_load = compiled.load
+  monkeypatch.setattr(compiled, "load", lambda key: loads.append(key) or real_load(key))
+  shared = str(tmp_path / "shared")
+  train.train_and_evaluate(other, shared)
+  assert len(loads) == len(stored) and _stored(cache_dir) == stored  # nothing compiled
+  monkeypatch.undo()
+  monkeypatch.setenv("JAXFT_PROGRAM_CACHE", "0")
+  own = str(tmp_path / "own")
+  train.train_and_evaluate(other, own)
+  keep = lambda records: [(r["step"], r.get("loss"), r.get("learning_rate"), r.get("accuracy"))
+                          for r in records]
+  assert keep(read_metrics(shared)) == keep(read_metrics(own))
+  assert keep(read_metrics(shared)) != keep(read_metrics(str(tmp_path / "first")))
+  peak = max(r["learning_rate"] for r in read_metrics(shared, "train"))
+  assert 0.5 * 3e-3 < peak <= 3e-3
 
 
 def test_a_damaged_entry_is_compiled_again_and_replaced(tiny_config, cache_dir, capsys):
@@ -104,14 +137,14 @@ def test_the_key_changes_with_what_builds_the_step(tiny_config, tiny_model_dir, 
                                                    cache_dir):
   key = lambda config, kind="train", model_dir=tiny_model_dir, **extra: (
       compiled.experiment_key(config, model_dir, kind, **extra))
-  base = key(tiny_config, num_steps=10)
-  assert key(tiny_config.copy_and_resolve_references(), num_steps=10) == base
-  assert key(tiny_config, num_steps=11) != base  # the learning-rate schedule's length
-  assert key(tiny_config, "eval", num_steps=10) != base
+  base = key(tiny_config)
+  assert key(tiny_config.copy_and_resolve_references()) == base
+  assert key(tiny_config, width=11) != base
+  assert key(tiny_config, "eval") != base
   changed = tiny_config.copy_and_resolve_references()
   with changed.unlocked():
-    changed.train.learning_rate *= 2
-  assert key(changed, num_steps=10) != base
+    changed.train.adam_b2 = 0.98  # compiled in; the learning rate is not (the next test)
+  assert key(changed) != base
   other_model = tmp_path / "model"
   other_model.mkdir()
   with open(os.path.join(tiny_model_dir, "config.json")) as f:
@@ -119,7 +152,7 @@ def test_the_key_changes_with_what_builds_the_step(tiny_config, tiny_model_dir, 
   (other_model / "config.json").write_text(text.replace('"hidden_dropout_prob": 0.0',
                                                         '"hidden_dropout_prob": 0.1'))
   assert '"hidden_dropout_prob": 0.0' in text
-  assert key(tiny_config, model_dir=str(other_model), num_steps=10) != base
+  assert key(tiny_config, model_dir=str(other_model)) != base
 
   x = jax.numpy.zeros((4, 16), jax.numpy.int32)
   shapes = {compiled.program_key(base, {"ids": y}) for y in

@@ -22,8 +22,8 @@ from tests.conftest import REPO, write_config_file
 
 def test_a_non_finite_step_leaves_the_state_unchanged(tiny_config):
   exp = experiment.build(tiny_config)
-  tx, schedule = exp.optimizer(10)
-  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  tx, learning_rate = exp.optimizer(10)
+  train_step = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
   state = exp.init_state(tx)
   before = jax.device_get(state["params"])
   host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)

@@ -16,10 +16,12 @@ def exp(tiny_config):
 
 
 def _run_one_step(exp, batch_np, accum=1, tx=None):
-  optimizer, schedule = exp.optimizer(10)
-  tx = tx or optimizer
+  optimizer, learning_rate = exp.optimizer(10)
+  if tx is not None:  # another optimizer: no learning rate to report
+    optimizer, learning_rate = tx, lambda state: 0.0
+  tx = optimizer
   state = exp.init_state(tx)
-  fn = jax.jit(step_lib.make_train_step(exp.model.logits, exp.task.loss, tx, schedule, accum))
+  fn = jax.jit(step_lib.make_train_step(exp.model.logits, exp.task.loss, tx, learning_rate, accum))
   new_state, metrics = fn(state, {}, {k: jax.numpy.asarray(v) for k, v in batch_np.items()})
   return jax.device_get(new_state["params"]), jax.device_get(metrics)
 
@@ -57,9 +59,9 @@ def test_gradient_accumulation_equals_one_full_batch(exp):
 
 
 def test_train_step_lowers_the_loss_on_a_repeated_batch(exp):
-  tx, schedule = exp.optimizer(100)
+  tx, learning_rate = exp.optimizer(100)
   state = exp.init_state(tx)
-  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  train_step = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
   host = batching.make_batch(exp.train_data, np.arange(16), 16, exp.buckets)
   losses = []
   for _ in range(16):
@@ -111,16 +113,16 @@ def test_precompiled_widths_share_one_trace_and_compute_what_per_shape_tracing_d
   config.model.name_or_path = make_tiny_model(tmp_path / "tiny_dropout", minilm_dir, dropout=0.1)
   config.lock()
   exp = experiment.build(config)
-  tx, schedule = exp.optimizer(10)
+  tx, learning_rate = exp.optimizer(10)
   widths = (16, 24, 40)
   hosts = [batching.make_batch(exp.train_data, np.arange(16), 16, (w,)) for w in widths]
   with _traced_functions() as traced:
-    precompiled = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+    precompiled = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
     precompiled.precompile(exp.init_state(tx), {}, hosts)
   assert traced.count("train_step") == 1, traced
   # programs by batch shape: (rows, width, example slots)
   assert sorted(precompiled._programs.compiled) == [(16, w, 16) for w in widths]
-  per_shape = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  per_shape = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
   before = _flat(jax.device_get(exp.init_state(tx)["params"]))
   for host in hosts:
     results = []
@@ -143,17 +145,17 @@ def test_packed_row_counts_share_one_trace(tiny_config):
   config.data.packing = "examples"
   config.lock()
   exp = experiment.build(config, devices=jax.devices()[:1])
-  tx, schedule = exp.optimizer(10)
+  tx, learning_rate = exp.optimizer(10)
   placement = packing.pack_step(exp.train_data.lengths, np.arange(16), 64, 1, 16)
   counts = [packing.rows_needed(placement) + extra for extra in (0, 1, 3)]
   hosts = [exp.host_packed_batch(exp.train_data, placement, packing.Shape(rows, 64, 16))
            for rows in counts]
   with _traced_functions() as traced:
-    precompiled = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+    precompiled = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
     precompiled.precompile(exp.init_state(tx), {}, hosts)
   assert traced.count("train_step") == 1, traced
   assert sorted(precompiled._programs.compiled) == [(r, 64, 16) for r in counts]
-  per_shape = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  per_shape = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
   losses = []
   for host in hosts:
     pair = [float(step(exp.init_state(tx), {}, step.device_batch(host))[1]["loss"])
@@ -168,10 +170,10 @@ def test_precompiled_eval_widths_share_one_trace_and_match_the_jitted_eval_step(
   """Evaluation shapes compiled before training: the eval step is traced once for all widths,
   and evaluating through those programs gives what the plainly jitted step gives."""
   data = exp.load_split("validation")
-  tx, schedule = exp.optimizer(1)
+  tx, learning_rate = exp.optimizer(1)
   state = exp.init_state(tx)
   hosts = [batching.make_batch(data, np.arange(8), 8, (w,)) for w in (16, 24, 40)]
-  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  train_step = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
   eval_step = compiled.eval_step(exp)
   with _traced_functions() as traced:
     train_step.precompile(state, {}, [], eval_step, hosts)
