@@ -27,6 +27,12 @@ Packing (`--suite=packing`, SST-2 files required): the useful (real) tokens per 
 train step packed by a fixed token budget against today's bucketed step, on the same SST-2
 examples in one process, steps in turns; then end to end (as 3.) each `data.packing` mode with
 a cold cache, "tokens" also warm, and the Trainer.
+
+Sweep (`--suite=sweep`, SST-2 files required): jaxft-sweep of configs/sweeps/sst2_lr_bs.py on
+configs/sst2_minilm.py (`--trials`, `--workers`, pruning on), timed from start to its summary;
+then the same trials' values trained one after another with jaxft-train, without pruning, as a
+shell loop would; each from a fresh compilation cache. Prints both times and each trial's
+metric both ways (what pruning cut short, and whether it was worse).
 """
 
 from __future__ import annotations
@@ -150,8 +156,8 @@ def jaxft_step(batch: int, length: int, overrides: Optional[dict] = None,
   () -> the current state as saved in checkpoints."""
   config = _config(overrides or {"peft.method": "none"}, batch, length)
   exp = experiment.build(config, label_names=("0", "1"), read_train=False)
-  tx, schedule = exp.optimizer(total_steps)
-  train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+  tx, learning_rate = exp.optimizer(total_steps)
+  train_step = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
   state = [train_step.place(exp.init_state(tx))]
   data = _synthetic(batch, length)
   device_batch = train_step.device_batch(exp.host_batch(data, np.arange(batch), batch))
@@ -481,8 +487,8 @@ def packed_step_throughput(data: dict) -> dict:
         "model.pooling": "default", "data.packing": mode})
     exp = experiment.build(config)
     order = exp.train_order(exp.train_data)
-    tx, schedule = exp.optimizer(10_000)
-    train_step = compiled.train_step(exp, tx, schedule, exp.abstract_state(tx))
+    tx, learning_rate = exp.optimizer(10_000)
+    train_step = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
     state = [train_step.place(exp.init_state(tx))]
     frozen = exp.frozen()
     train_step.precompile(state[0], frozen,
@@ -546,6 +552,72 @@ def packing_table(runs: list[dict], data: dict) -> str:
   return "\n".join(lines)
 
 
+def sweep_against_loop(data: dict, trials: int, workers: int) -> dict:
+  """jaxft-sweep, then its trials one after another without pruning (module doc)."""
+  from jaxft import config as config_lib
+  from jaxft.metrics import read_metrics
+  from jaxft.sweep import space, study as study_lib
+  base = [f"--config={CONFIGS_DIR}/sst2_minilm.py",
+          f"--config.data.train_file={data['train_file']}",
+          f"--config.data.validation_file={data['validation_file']}",
+          f"--config.data.max_train_examples={data['examples']}"]
+  sweep_file = os.path.join(CONFIGS_DIR, "sweeps", "sst2_lr_bs.py")
+  root = tempfile.mkdtemp(prefix="jaxft-sweep-bench-")
+  directory = os.path.join(root, "sweep")
+  sweep_run = timed_process(
+      [sys.executable, "-m", "jaxft.sweep", *base, f"--sweep={sweep_file}",
+       f"--workdir={directory}", f"--trials={trials}", f"--workers={workers}"],
+      {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(root, "cache-sweep")})
+  print(sweep_run["output"][-3000:], flush=True)
+  sweep = config_lib.load_config_file(sweep_file)
+  study = study_lib.open_study(directory, sweep, "max")
+  rows, loop_seconds = [], 0.0
+  for t in study.get_trials(deepcopy=False):
+    if t.state not in study_lib.FINISHED:
+      continue
+    settings = space.trial_settings(sweep, t.params)
+    workdir = os.path.join(root, "loop", str(t.number))
+    run = timed_process([sys.executable, "-m", "jaxft.train", *base, f"--workdir={workdir}",
+                         *[f"--config.{k}={v}" for k, v in settings.items()]],
+                        {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(root, "cache-loop")})
+    loop_seconds += run["wall_s"]
+    unpruned = max(r["accuracy"] for r in read_metrics(workdir, "validation"))
+    rows.append({"trial": t.number, "params": t.params, "state": t.state.name.lower(),
+                 "evaluations": len(t.intermediate_values), "sweep_value": t.value,
+                 "loop_value": unpruned, "loop_s": run["wall_s"],
+                 "baseline": bool(t.user_attrs.get("baseline")),
+                 "sweep_compile": _compile_stats(study_lib.trial_dir(directory, t.number)),
+                 "loop_compile": _compile_stats(workdir)})
+    print(f"trial {t.number} alone: accuracy {unpruned:.4f} in {run['wall_s']:.1f} s", flush=True)
+  return {"sweep_s": sweep_run["wall_s"], "loop_s": loop_seconds, "trials": rows,
+          "workers": workers, "speedup": loop_seconds / sweep_run["wall_s"]}
+
+
+def _compile_stats(workdir: str) -> dict:
+  """The run's compilations: programs, seconds, and how many were loaded from a cache."""
+  from jaxft.metrics import read_metrics
+  last = read_metrics(workdir, "train")[-1]
+  return {"programs": last["compiles"], "seconds": last["compile_seconds"],
+          "loaded": last["compile_cache_hits"]}
+
+
+def sweep_table(result: dict) -> str:
+  compiled_text = lambda c: f"{c['programs']} ({c['loaded']} loaded), {c['seconds']:.1f} s"
+  lines = ["| trial | learning rate | batch | in the sweep | evaluations | compiled in the sweep "
+           "| alone, unpruned | alone, s |", "|---|---|---|---|---|---|---|---|"]
+  for r in result["trials"]:
+    value = "" if r["sweep_value"] is None else f"{r['sweep_value']:.4f}"
+    lines.append(f"| {r['trial']}{' (config)' if r['baseline'] else ''} | "
+                 f"{r['params']['train.learning_rate']:.3g} | {r['params']['train.batch_size']} | "
+                 f"{r['state']} {value} | {r['evaluations']} | "
+                 f"{compiled_text(r['sweep_compile'])} | {r['loop_value']:.4f} | "
+                 f"{r['loop_s']:.1f} |")
+  lines.append(f"\nsweep ({result['workers']} workers, pruning): {result['sweep_s']:.0f} s; "
+               f"the same trials one after another, unpruned: {result['loop_s']:.0f} s "
+               f"({result['speedup']:.2f}x)")
+  return "\n".join(lines)
+
+
 def native_builds() -> dict:
   """Each of the CPU layer's C++ libraries (jaxft.cpu.native): the seconds its build took here,
   0.0 when it was built already, or why it cannot be. Built before any timed run, as setup.sh
@@ -572,7 +644,7 @@ def _torch_installed() -> bool:
 
 
 def run() -> None:
-  suite_flag = flags.DEFINE_enum("suite", "speed", ["speed", "peft", "packing"],
+  suite_flag = flags.DEFINE_enum("suite", "speed", ["speed", "peft", "packing", "sweep"],
                                   "Which benchmark to run.")
   batch_flag = flags.DEFINE_integer("batch", 32, "Batch size of the fixed-shape steps.")
   length_flag = flags.DEFINE_integer("length", 128, "Sequence length of the fixed-shape steps.")
@@ -587,6 +659,8 @@ def run() -> None:
                                       "accuracy count).")
   torch_flag = flags.DEFINE_bool("torch", True, "Include the PyTorch baselines (if installed).")
   out_flag = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+  trials_flag = flags.DEFINE_integer("trials", 12, "--suite=sweep: trials of the sweep.")
+  workers_flag = flags.DEFINE_integer("workers", 2, "--suite=sweep: its worker processes.")
   worker_flag = flags.DEFINE_list("worker", None, "Internal: serve these kinds of train step "
                                   f"({', '.join(STEP_KINDS)}) to the benchmark process.")
 
@@ -605,6 +679,11 @@ def run() -> None:
                      for name, overrides in METHODS}
       print(f"train step, default model, batch {batch} x {length} tokens, median of {steps} "
             f"steps:\n\n{peft_table(out['peft'])}")
+    elif suite_flag.value == "sweep":
+      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
+              "examples": examples_flag.value}
+      out["sweep"] = sweep_against_loop(data, trials_flag.value, workers_flag.value)
+      print(sweep_table(out["sweep"]))
     elif suite_flag.value == "packing":
       data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
               "examples": examples_flag.value, "batch": 32, "learning_rate": 1e-4}

@@ -10,7 +10,8 @@ Where things live:
   attention.py   BERT-family self-attention, packed rows included (the JAX path; the CPU
                  kernel is in cpu/)
   peft.py        the trainable/frozen split of the parameters, LoRA
-  optim.py       the optax chain: schedule, AdamW, weight-decay mask, clipping
+  optim.py       the optax chain: schedule, AdamW, weight-decay mask, clipping; its run
+                 values (learning rate, length, ...) live in its state, not in programs
   step.py        the pure train_step / eval_step
   compiled.py    the compiled steps: jit/pmap, shardings, per-width programs, program cache
   parallel.py    device mesh, shardings, putting host batches on devices, multi-host
@@ -21,6 +22,7 @@ Where things live:
   experiment.py  what train and inference share: model, data and state for one config
   runtime.py     process start-up, private caches, JAX settings, flag parsing
   train.py evaluate.py predict.py export.py report.py   thin absl entry points
+  sweep/         jaxft-sweep: Optuna hyperparameter search, trials as ordinary runs
   cpu/           CPU-only tuning (huge pages, scratch-buffer cache, C++ attention kernel),
                  used on CPU hosts only; JAXFT_CPU_TUNING=0 turns it off
 

@@ -4,7 +4,8 @@ r"""Plot runs and summarise them on one page:
 
 Reads each workdir's metrics.jsonl, config.json, run.json and eval/*.json (nothing is run on a
 model) and writes PNG plots and report.md into OUT (default: <first workdir>/report). With several
-workdirs the curves overlay one line per run and report.md compares the runs in a table.
+workdirs the curves overlay one line per run and report.md compares the runs in a table. A
+jaxft-sweep directory is drawn as a sweep (jaxft/sweep/report.py).
 """
 
 from __future__ import annotations
@@ -369,6 +370,9 @@ def write_report(workdirs: list[str], out: Optional[str] = None) -> str:
   """Writes the plots and report.md into `out`; returns the path of report.md."""
   if not workdirs:
     fail("--workdir is required: a run directory written by jaxft.train")
+  from jaxft.sweep import report as sweep_report
+  if len(workdirs) == 1 and sweep_report.is_sweep(workdirs[0]):  # jaxft-sweep's directory
+    return sweep_report.write_sweep_report(workdirs[0], out)
   runs = [load_run(w, label) for w, label in zip(workdirs, run_labels(workdirs))]
   out = out or storage.join(workdirs[0], "report")
   prepare_output(out)

@@ -90,3 +90,20 @@ def test_median_runs_keeps_the_median_run_of_each_variant():
       "jaxft, cold compilation cache", "jaxft padded to 128 (static), cold cache")],
       {"examples": 2000, "batch": 32, "learning_rate": 1e-4, "validation_file": "dev.tsv"})
   assert "| jaxft, cold compilation cache | 20.0 | 1.00x | n/a | 0.2000 |" in mean_row
+
+
+def test_the_sweep_table_gives_the_loops_time_against_the_sweeps():
+  compile_stats = {"programs": 14, "loaded": 12, "seconds": 1.5}
+  rows = [{"trial": 0, "params": {"train.learning_rate": 1e-4, "train.batch_size": 16},
+           "state": "complete", "evaluations": 4, "sweep_value": 0.8245, "loop_value": 0.8245,
+           "loop_s": 40.0, "baseline": True, "sweep_compile": compile_stats},
+          {"trial": 1, "params": {"train.learning_rate": 2e-5, "train.batch_size": 32},
+           "state": "pruned", "evaluations": 2, "sweep_value": 0.61, "loop_value": 0.7,
+           "loop_s": 30.0, "baseline": False, "sweep_compile": compile_stats}]
+  table = bench.sweep_table({"trials": rows, "workers": 2, "sweep_s": 35.0, "loop_s": 70.0,
+                             "speedup": 2.0})
+  assert "| 0 (config) | 0.0001 | 16 | complete 0.8245 | 4 | 14 (12 loaded), 1.5 s | 0.8245 |" \
+      in table
+  assert "| 1 | 2e-05 | 32 | pruned 0.6100 | 2 |" in table
+  assert "sweep (2 workers, pruning): 35 s; the same trials one after another, unpruned: 70 s " \
+         "(2.00x)" in table
