@@ -128,6 +128,9 @@ def test_workers_split_the_cores_or_the_gpus(monkeypatch):
   assert devices.visible_gpus({"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
   monkeypatch.setenv("JAXFT_CPU_TUNING", "0")  # the CPU layer off: no pinning
   assert devices.CORES not in env(0, 2, cores=[0, 1])
+  monkeypatch.setattr(devices.runtime, "installed_distributions", lambda: {"libtpu": "0.0.30"})
+  with pytest.raises(UserError, match="a TPU host's chips serve one process"):
+    devices.worker_environments(2)
 
 
 # ---- whole sweeps ------------------------------------------------------------------------------

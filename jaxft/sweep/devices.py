@@ -59,6 +59,10 @@ def worker_environment(index: int, workers: int, env: Mapping[str, str],
 def worker_environments(workers: int) -> list[dict[str, str]]:
   """worker_environment for each of this host's `workers`."""
   from jaxft import cpu
+  from jaxft.errors import fail
+  if workers > 1 and any("tpu" in p for p in cpu.accelerator_plugins()):
+    fail(f"--workers={workers}: a TPU host's chips serve one process; run one worker per host "
+         "(--workers=1 on each host, all sharing the sweep's --workdir)")
   gpus = None if cpu.cpu_only_host() else visible_gpus(os.environ)
   cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   return [worker_environment(i, workers, os.environ, cores, gpus) for i in range(workers)]
