@@ -148,7 +148,7 @@ def test_a_sweep_runs_its_trials_as_ordinary_runs_and_writes_the_best_config(
                            "('train.batch_size', categorical(16, 32)))", startup_trials=2)
   directory = str(tmp_path / "sweep")
   code, out, err = _finished(_sweep([f"--config={tiny_config_file}", f"--sweep={sweep_file}",
-                                     f"--workdir={directory}", "--trials=4", "--workers=2"]))
+                                     "--workdir", directory, "--trials=4", "--workers=2"]))
   assert code == 0, err + out
   study = _study(directory)
   trials = study.get_trials()

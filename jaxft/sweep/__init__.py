@@ -78,8 +78,7 @@ def _last_line(path: str) -> str:
 def _start_workers(directory: str, workers: int) -> list[tuple[subprocess.Popen, str]]:
   from jaxft.sweep import devices, worker
   os.makedirs(os.path.join(directory, "workers"), exist_ok=True)
-  argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-  flags_given = [a for a in argv[1:] if a.startswith("--")]
+  flags_given = sys.argv[1:]  # the command's own arguments, whatever started it
   started = []
   for index, env in enumerate(devices.worker_environments(workers)):
     env[worker.WORKER_INDEX] = str(index)
