@@ -570,7 +570,7 @@ def sweep_against_loop(data: dict, trials: int, workers: int) -> dict:
       {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(root, "cache-sweep")})
   print(sweep_run["output"][-3000:], flush=True)
   sweep = config_lib.load_config_file(sweep_file)
-  study = study_lib.open_study(directory, sweep, "max")
+  study = study_lib.load_study(directory)
   rows, loop_seconds = [], 0.0
   for t in study.get_trials(deepcopy=False):
     if t.state not in study_lib.FINISHED:

@@ -96,12 +96,15 @@ RUN_VALUE_KEYS = ("seed", "train.learning_rate", "train.warmup_ratio", "train.we
                   "train.max_grad_norm", "train.num_epochs", "train.num_train_steps")
 
 
+def _schedule_values(peak: float, total_steps: int, warmup_ratio: float) -> dict[str, float]:
+  return {"learning_rate": float(peak), "warmup_steps": float(round(total_steps * warmup_ratio)),
+          "total_steps": float(total_steps)}
+
+
 def run_values(train_config, total_steps: int) -> dict[str, float]:
   """The optimizer's run values for `total_steps` steps of `train_config` (config.train)."""
   t = train_config
-  return {"learning_rate": float(t.learning_rate),
-          "warmup_steps": float(round(total_steps * t.warmup_ratio)),
-          "total_steps": float(total_steps),
+  return {**_schedule_values(t.learning_rate, total_steps, t.warmup_ratio),
           "weight_decay": float(t.weight_decay),
           # 0 turns clipping off: an infinite norm clips nothing, in the same program.
           "max_grad_norm": float(t.max_grad_norm) if t.max_grad_norm > 0 else float("inf")}
@@ -154,8 +157,7 @@ def learning_rate_at(count, values: dict, kind: str):
 def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float,
                            kind: str) -> optax.Schedule:
   """The schedule of `learning_rate_at` for fixed values."""
-  values = {"learning_rate": peak, "warmup_steps": float(round(total_steps * warmup_ratio)),
-            "total_steps": float(total_steps)}
+  values = _schedule_values(peak, total_steps, warmup_ratio)
   return lambda count: learning_rate_at(count, values, kind)
 
 

@@ -442,7 +442,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
                   and evals_since_best >= t.early_stopping_patience)
       told_to_stop = bool(evaluated is not None and on_evaluation is not None
                           and on_evaluation(done, num_steps, evaluated))
-      if save_now or stop or told_to_stop:
+      if save_now:  # a stop, early or told, follows an evaluation, which always saves
         ckpts.save(done, train_step.savable(state), meta_for(done, evaluated),
                    metrics=None if evaluated is None else scalars(evaluated))
       if stop:

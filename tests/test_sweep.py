@@ -56,7 +56,7 @@ def _read(path: str) -> str:
 
 def _study(directory: str):
   from jaxft.sweep import study as study_lib
-  return study_lib.open_study(directory, space.sweep_config(), "max")
+  return study_lib.load_study(directory)
 
 
 # ---- the search space ------------------------------------------------------------------------

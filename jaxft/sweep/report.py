@@ -22,11 +22,9 @@ def is_sweep(workdir: str) -> bool:
 
 def _load(directory: str):
   import optuna
-  from ml_collections import ConfigDict
   with open(os.path.join(directory, RECORD)) as f:
     record = json.load(f)
-  stand_in = ConfigDict({"sampler": "random", "pruner": "none", "seed": 0})  # reading only
-  study = study_lib.open_study(directory, stand_in, record["mode"])
+  study = study_lib.load_study(directory)
   return record, study, study.get_trials(deepcopy=False), optuna
 
 

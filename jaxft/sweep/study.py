@@ -77,15 +77,22 @@ def pruner_for(sweep) -> optuna.pruners.BasePruner:
   return optuna.pruners.NopPruner()
 
 
+def _storage(directory: str) -> optuna.storages.JournalStorage:
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  path = os.path.join(directory, JOURNAL)
+  return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+      path, lock_obj=optuna.storages.journal.JournalFileOpenLock(path)))
+
+
+def load_study(directory: str) -> optuna.Study:
+  """The sweep's study, to read (reports, benchmarks): no sampler or pruner of its own."""
+  return optuna.load_study(study_name=STUDY_NAME, storage=_storage(directory))
+
+
 def open_study(directory: str, sweep, direction: str, seed: int = 0) -> optuna.Study:
   """The sweep's study (created on first use). `seed` seeds this process's sampler: workers
   pass their own, or each would draw the same values."""
-  optuna.logging.set_verbosity(optuna.logging.WARNING)
-  path = os.path.join(directory, JOURNAL)
-  backend = optuna.storages.journal.JournalFileBackend(
-      path, lock_obj=optuna.storages.journal.JournalFileOpenLock(path))
-  return optuna.create_study(study_name=STUDY_NAME,
-                             storage=optuna.storages.JournalStorage(backend),
+  return optuna.create_study(study_name=STUDY_NAME, storage=_storage(directory),
                              sampler=sampler_for(sweep, seed), pruner=pruner_for(sweep),
                              direction="maximize" if direction == "max" else "minimize",
                              load_if_exists=True)

@@ -18,27 +18,19 @@ if __name__ == "__main__":  # placed on its cores, then start-up, before JAX loa
 import shutil
 import signal
 import sys
-from typing import Optional
-
 import optuna
 
 from jaxft import compiled, config as config_lib, runtime, train
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.errors import UserError, fail
 from jaxft.metrics import read_metrics
+from jaxft.report import best_record
 from jaxft.sweep import flags as sweep_flags, space, study as study_lib
 
 WORKER_INDEX = "JAXFT_SWEEP_WORKER"  # which of the sweep's workers this process is
 # A worker stops after this many trials in a row failed before training started: the config or
 # the data is wrong for every trial, not one trial's values.
 MAX_SETUP_FAILURES = 3
-
-
-def best_value(records: list[dict], metric: str, mode: str) -> Optional[float]:
-  values = [r[metric] for r in records if isinstance(r.get(metric), (int, float))]
-  if not values:
-    return None
-  return max(values) if mode == "max" else min(values)
 
 
 def _remove_checkpoints(workdir: str, ckpt_config, keep_best: bool) -> None:
@@ -58,7 +50,7 @@ def _remove_checkpoints(workdir: str, ckpt_config, keep_best: bool) -> None:
 
 
 def run_trial(trial: optuna.trial.Trial, values: dict, base_config, sweep, directory: str,
-              metric: str, mode: str) -> optuna.trial.TrialState:
+              metric: str, mode: str) -> None:
   """Trains trial `trial` with `values` in DIR/trials/<n>/, reporting each evaluation to the
   pruner, and tells the study how it ended. A UserError (bad values for this trial, a loss
   that diverged) fails the trial and is raised again."""
@@ -87,21 +79,19 @@ def run_trial(trial: optuna.trial.Trial, values: dict, base_config, sweep, direc
       trial.set_user_attr("error", str(e))
       trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)
       raise
-  records = read_metrics(workdir, "validation")
   if pruned[0]:
     trial.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     if sweep.pruned_checkpoints == "remove":
       _remove_checkpoints(workdir, config.checkpoint, keep_best=False)
-    return optuna.trial.TrialState.PRUNED
-  value = best_value(records, metric, mode)
-  if value is None:
+    return
+  best = best_record(read_metrics(workdir), metric, mode)
+  if best is None:
     fail(f"trial {trial.number} logged no {metric}; set data.validation_file so that trials "
          "can be compared")
-  trial.study.tell(trial, value)
+  trial.study.tell(trial, best[metric])
   if sweep.completed_checkpoints == "best":
     _remove_checkpoints(workdir, config_lib.with_task_defaults(config).checkpoint,
                         keep_best=True)
-  return optuna.trial.TrialState.COMPLETE
 
 
 def work(base_config, sweep, directory: str, wanted: int) -> None:
