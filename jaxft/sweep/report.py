@@ -21,11 +21,10 @@ def is_sweep(workdir: str) -> bool:
 
 
 def _load(directory: str):
-  import optuna
   with open(os.path.join(directory, RECORD)) as f:
     record = json.load(f)
   study = study_lib.load_study(directory)
-  return record, study, study.get_trials(deepcopy=False), optuna
+  return record, study, study.get_trials(deepcopy=False)
 
 
 def _plot_trials(trials, metric: str, mode: str, path: str) -> None:
@@ -98,8 +97,9 @@ def _plot_slices(trials, record: dict, metric: str, path: str) -> bool:
   return True
 
 
-def _importances(study, optuna) -> Optional[dict]:
+def _importances(study) -> Optional[dict]:
   """Optuna's parameter importances over the complete trials, where they can be had."""
+  import optuna
   complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
   if len(complete) < 3:
     return None
@@ -141,7 +141,7 @@ def _table(trials, params: list, metric: str) -> list[str]:
 def write_sweep_report(directory: str, out: Optional[str] = None) -> str:
   """Writes the sweep's plots and report.md into `out` (default DIR/report); returns the
   path of report.md."""
-  record, study, trials, optuna = _load(directory)
+  record, study, trials = _load(directory)
   metric, mode = record["metric"], record["mode"]
   out = out or os.path.join(directory, "report")
   report_lib.prepare_output(out)
@@ -163,7 +163,7 @@ def write_sweep_report(directory: str, out: Optional[str] = None) -> str:
       figures.append(("evaluations.png", "The evaluations each trial reported to the pruner."))
     if _plot_slices(trials, record, metric, os.path.join(folder, "slices.png")):
       figures.append(("slices.png", f"{metric} against each searched value."))
-    importances = _importances(study, optuna)
+    importances = _importances(study)
     if importances:
       _plot_importances(importances, os.path.join(folder, "importance.png"))
       figures.append(("importance.png", "How much each searched key mattered (Optuna's "
