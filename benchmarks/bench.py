@@ -33,15 +33,32 @@ configs/sst2_minilm.py (`--trials`, `--workers`, pruning on), timed from start t
 then the same trials' values trained one after another with jaxft-train, without pruning, as a
 shell loop would; each from a fresh compilation cache. Prints both times and each trial's
 metric both ways (what pruning cut short, and whether it was worse).
+
+ONNX (`--suite=onnx`, SST-2 files required): trains configs/sst2_minilm.py on `--train_examples`
+sentences (or takes the run in `--workdir`), exports it with `jaxft-export --format=onnx
+--quantize=int8`, then compares on every dev sentence jaxft's predictor (in this process,
+started as jaxft-predict starts, every shape compiled before timing) with onnxruntime on the
+float32 and the int8 model: dev accuracy, the largest logit difference to jaxft, file size, and
+latency per batch of 1 and of 32 sentences taken in file order (tokenized beforehand; each
+variant times all its batches in a block, blocks in turns, ONNX_ROUNDS rounds; median ms per
+batch and sentences per second).
+
+Distillation (`--suite=distill`, SST-2 files required): a teacher (configs/sst2_minilm.py on
+`--train_examples` sentences), exported; then, `--seeds` times each, 3-layer students started
+from its layers 0, 2, 4 (configs/sst2_distill_minilm.py): labels only, distilled, and distilled
+with `--transfer` unlabelled training sentences (those after the labelled ones). Dev accuracy
+(mean and sd), training wall time, and jaxft's prediction time per 1,000 dev sentences.
 """
 
 from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__" and "--worker=jaxft" in sys.argv:
+if __name__ == "__main__" and any(a in sys.argv for a in ("--worker=jaxft", "--suite=onnx",
+                                                           "--suite=distill")):
   # jaxft's step runs as jaxft's commands run (jaxft.runtime.start_process: the CPU layer's
-  # restart); the baselines' workers do not, as their users' scripts would not.
+  # restart); the baselines' workers do not, as their users' scripts would not. The ONNX and
+  # distillation suites' predictions run as jaxft-predict runs them (ONNX Runtime's alike).
   from jaxft import runtime
   runtime.start_process()
 
@@ -61,6 +78,7 @@ from jaxft import compiled, experiment, models, runtime  # noqa: E402
 from jaxft.checkpoint import Checkpoints  # noqa: E402
 from jaxft.config import base_config  # noqa: E402
 from jaxft.data.encode import Encoded  # noqa: E402
+from jaxft.errors import fail  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS_DIR = os.path.join(os.path.dirname(HERE), "configs")
@@ -618,6 +636,113 @@ def sweep_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+ONNX_ROUNDS = 3  # blocks of every variant, in turns
+
+
+def _examples(data: Encoded, indices) -> Encoded:
+  """The examples at `indices` of `data`, inputs only (what a prediction request carries)."""
+  return Encoded([data.input_ids[i] for i in indices], [data.token_type_ids[i] for i in indices])
+
+
+def _batch_seconds(outputs, batches: list) -> list[float]:
+  """Seconds of `outputs(batch)` for each batch, one after another."""
+  seconds = []
+  for batch in batches:
+    start = time.perf_counter()
+    outputs(batch)
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+def onnx_latencies(predictors: dict, data: Encoded, batch: int) -> dict:
+  """{name: {"ms", "sentences_per_s", ...}} of `predictors` ({name: outputs(data)}) on `data`
+  in batches of `batch` in file order: each warmed on every batch once (jaxft compiles each
+  shape), then ONNX_ROUNDS blocks in turns; the median batch and the median block count."""
+  batches = [_examples(data, range(i, min(i + batch, len(data))))
+             for i in range(0, len(data), batch)]
+  for outputs in predictors.values():
+    _batch_seconds(outputs, batches)
+  times = {name: [] for name in predictors}
+  for _ in range(ONNX_ROUNDS):
+    for name, outputs in predictors.items():
+      times[name].append(_batch_seconds(outputs, batches))
+  return {name: {"ms": 1000 * float(np.median(np.concatenate(t))),
+                 "sentences_per_s": len(data) / float(np.median([sum(r) for r in t])),
+                 "batches": len(batches)} for name, t in times.items()}
+
+
+def onnx_suite(data: dict, workdir: Optional[str]) -> dict:
+  """Train (unless `workdir`), export float32 and int8, then accuracy, logit agreement, sizes
+  and latencies of jaxft's predictor and of both ONNX models (module doc)."""
+  import dataclasses
+  from jaxft import config as config_lib, inference, metrics as metrics_lib, onnx_export
+  root = tempfile.mkdtemp(prefix="jaxft-onnx-bench-")
+  out = {}
+  if workdir is None:
+    workdir = os.path.join(root, "run")
+    out["train_s"] = timed_process(
+        [sys.executable, "-m", "jaxft.train", f"--config={CONFIGS_DIR}/sst2_minilm.py",
+         f"--workdir={workdir}", f"--config.data.train_file={data['train_file']}",
+         f"--config.data.validation_file={data['validation_file']}",
+         f"--config.data.max_train_examples={data['examples']}"], dict(os.environ))["wall_s"]
+  folder = os.path.join(root, "onnx")
+  exported = timed_process([sys.executable, "-m", "jaxft.export", f"--workdir={workdir}",
+                            f"--output={folder}", "--format=onnx", "--quantize=int8"],
+                           dict(os.environ))
+  print(exported["output"].strip() + "\n", flush=True)
+  out.update(workdir=workdir, export_s=exported["wall_s"])
+  exp, step, params = inference.restore(workdir, "best")
+  dev = exp.read(data["validation_file"])
+  onnx = {name: onnx_export.OnnxPredictor(os.path.join(folder, file))
+          for name, file in (("ONNX float32", onnx_export.ONNX_FILE),
+                             ("ONNX int8", onnx_export.INT8_FILE))}
+  jaxft_logits = inference.Predictor(exp).outputs(params, dev)["logits"]
+  rows = {"jaxft": {"accuracy": metrics_lib.task_metrics(
+      exp.task, {"logits": jaxft_logits}, dev)["accuracy"], "max_difference": 0.0,
+      "mb": 4 * exp.param_counts()["total"] / 1e6}}
+  for name, model in onnx.items():
+    logits = model.outputs(dev)["logits"]
+    path = os.path.join(folder, onnx_export.ONNX_FILE if "32" in name else onnx_export.INT8_FILE)
+    rows[name] = {"accuracy": metrics_lib.task_metrics(exp.task, {"logits": logits}, dev)[
+        "accuracy"], "max_difference": onnx_export.max_difference(jaxft_logits, logits),
+        "same_predictions": onnx_export.same_predictions(exp.task, jaxft_logits, logits),
+        "mb": os.path.getsize(path) / 1e6}
+  # Requests of 1 and of 32 sentences; then the whole file at once, as jaxft-predict runs it
+  # (batches of train.eval_batch_size sorted by length, which pads little).
+  for key, batch in (("batch1", 1), ("batch32", 32), ("file", len(dev))):
+    size = min(batch, exp.config.train.eval_batch_size)
+    sized = dataclasses.replace(exp, config=config_lib.replace(
+        exp.config, {"train.eval_batch_size": size}))  # the same params, batches of `size`
+    predictors = {"jaxft": lambda d, p=inference.Predictor(sized): p.outputs(params, d)}
+    predictors.update({name: model.outputs for name, model in onnx.items()})
+    for name, timing in onnx_latencies(predictors, dev, batch).items():
+      rows[name][key] = timing
+  out.update(step=step, examples=len(dev), rows=rows, packing=exp.packing,
+             attention=exp.model.attention)
+  return out
+
+
+def onnx_table(result: dict) -> str:
+  rows = result["rows"]
+  base = rows["jaxft"]
+  lines = [f"SST-2 dev, {result['examples']} sentences, tokenized beforehand; batches of 1 and "
+           f"32 in file order (ms: median batch), then the whole file in sorted batches; median "
+           f"of {ONNX_ROUNDS} rounds (jaxft: packing={result['packing']}, attention="
+           f"{result['attention']}, shapes compiled first)\n",
+           "| model | dev accuracy | max abs logit diff vs jaxft | size (MB) | batch 1: ms | "
+           "sentences/s | vs jaxft | batch 32: ms | sentences/s | vs jaxft | whole file: "
+           "sentences/s | vs jaxft |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for name, r in rows.items():
+    cells = [name, f"{r['accuracy']:.4f}",
+             "-" if name == "jaxft" else f"{r['max_difference']:.1e}", f"{r['mb']:.1f}"]
+    for key in ("batch1", "batch32", "file"):
+      cells += [f"{r[key]['ms']:.2f}"] if key != "file" else []
+      cells += [f"{r[key]['sentences_per_s']:.0f}",
+                f"{r[key]['sentences_per_s'] / base[key]['sentences_per_s']:.2f}x"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def native_builds() -> dict:
   """Each of the CPU layer's C++ libraries (jaxft.cpu.native): the seconds its build took here,
   0.0 when it was built already, or why it cannot be. Built before any timed run, as setup.sh
@@ -643,8 +768,103 @@ def _torch_installed() -> bool:
   return importlib.util.find_spec("torch") is not None
 
 
+# ---- distillation -----------------------------------------------------------------------------
+def _train_sst2(workdir: str, data: dict, config: str = "sst2_minilm.py", extra: tuple = ()
+                ) -> dict:
+  """`jaxft.train` of configs/<config> on the first data["examples"] training sentences: its
+  wall seconds and best dev accuracy."""
+  from jaxft.metrics import read_metrics
+  run = timed_process(
+      [sys.executable, "-m", "jaxft.train", f"--config={CONFIGS_DIR}/{config}",
+       f"--workdir={workdir}", f"--config.data.train_file={data['train_file']}",
+       f"--config.data.validation_file={data['validation_file']}",
+       f"--config.data.max_train_examples={data['examples']}", *extra], dict(os.environ))
+  return {"wall_s": run["wall_s"],
+          "accuracy": max(r["accuracy"] for r in read_metrics(workdir, "validation"))}
+
+
+def _write_transfer_file(data: dict, count: int, path: str) -> str:
+  """The `count` training sentences after the labelled ones, without their labels."""
+  from jaxft.data import files
+  sentences = files.read_columns(data["train_file"], "tsv", has_header=True,
+                                 max_rows=data["examples"] + count)["sentence"]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("sentence\n")
+    f.writelines(f"{s}\n" for s in sentences[data["examples"]:])
+  return path
+
+
+def predict_seconds_per_1000(workdirs: dict, rounds: int = 5) -> dict:
+  """{name: median seconds per 1,000 dev sentences} of jaxft's predictor for each run of
+  `workdirs` ({name: workdir}): every model compiled and warmed first, then timed in turns
+  over the whole dev file, `rounds` times, so that machine noise hits all alike."""
+  from jaxft import inference
+  runs = {}
+  for name, workdir in workdirs.items():
+    exp, _, params = inference.restore(workdir, "best")
+    dev, predictor = exp.load_split("validation"), inference.Predictor(exp)
+    predictor.outputs(params, dev)
+    runs[name] = (predictor, params, dev)
+  seconds = {name: [] for name in runs}
+  for _ in range(rounds):
+    for name, (predictor, params, dev) in runs.items():
+      start = time.perf_counter()
+      predictor.outputs(params, dev)
+      seconds[name].append(time.perf_counter() - start)
+  return {name: 1000 * float(np.median(seconds[name])) / len(runs[name][2]) for name in runs}
+
+
+def distill_suite(data: dict, seeds: int, transfer: int) -> dict:
+  """A teacher (configs/sst2_minilm.py), then per seed three 3-layer students started from its
+  layers 0, 2, 4 (configs/sst2_distill_minilm.py): labels only, distilled, and distilled with
+  `transfer` unlabelled training sentences; accuracies, train and predict times."""
+  root = tempfile.mkdtemp(prefix="jaxft-distill-bench-")
+  teacher_dir, teacher_hf = os.path.join(root, "teacher"), os.path.join(root, "teacher_hf")
+  rows = {"teacher": {"runs": [_train_sst2(teacher_dir, data)], "layers": 6}}
+  timed_process([sys.executable, "-m", "jaxft.export", f"--workdir={teacher_dir}",
+                 f"--output={teacher_hf}"], dict(os.environ))
+  unlabelled = _write_transfer_file(data, transfer, os.path.join(root, "transfer.tsv"))
+  student = (f"--config.model.name_or_path={teacher_hf}",)
+  distilled = (*student, f"--config.train.distill.teacher={teacher_hf}")
+  variants = {"student, labels only": student, "student distilled": distilled,
+              f"distilled + {transfer:,} unlabelled": (
+                  *distilled, f"--config.train.distill.transfer_file={unlabelled}",
+                  f"--config.train.distill.max_transfer_examples={transfer}")}
+  for name, extra in variants.items():
+    runs = [_train_sst2(os.path.join(root, f"{name}-{seed}".replace(" ", "_")), data,
+                        "sst2_distill_minilm.py", (*extra, f"--config.seed={seed}"))
+            for seed in range(seeds)]
+    rows[name] = {"runs": runs, "layers": 3}
+    print(name, [round(r["accuracy"], 4) for r in runs], flush=True)
+  for name, row in rows.items():
+    accuracies = [r["accuracy"] for r in row["runs"]]
+    row.update(accuracy=float(np.mean(accuracies)), accuracy_sd=float(np.std(accuracies)),
+               train_s=float(np.mean([r["wall_s"] for r in row["runs"]])))
+  predict = predict_seconds_per_1000({"teacher": teacher_dir, **{
+      name: os.path.join(root, f"{name}-0".replace(" ", "_")) for name in variants}})
+  for name, seconds in predict.items():
+    rows[name]["predict_s"] = seconds
+  return {"rows": rows, "seeds": seeds, "examples": data["examples"], "transfer": transfer}
+
+
+def distill_table(result: dict) -> str:
+  rows = result["rows"]
+  teacher = rows["teacher"]
+  lines = [f"SST-2, {result['examples']:,} labelled sentences, 1 epoch; students: mean (sd) of "
+           f"{result['seeds']} seeds, the teacher: seed 0; predict: jaxft's predictor on the dev "
+           "sentences, compiled and warmed first\n",
+           "| model | layers | dev accuracy | vs teacher | train, s | predict, s per 1,000 "
+           "sentences | speed vs teacher |", "|---|---|---|---|---|---|---|"]
+  for name, r in rows.items():
+    lines.append(f"| {name} | {r['layers']} | {r['accuracy']:.4f} ({r['accuracy_sd']:.4f}) | "
+                 f"{100 * (r['accuracy'] - teacher['accuracy']):+.2f} pts | {r['train_s']:.0f} | "
+                 f"{r['predict_s']:.2f} | {teacher['predict_s'] / r['predict_s']:.2f}x |")
+  return "\n".join(lines)
+
+
 def run() -> None:
-  suite_flag = flags.DEFINE_enum("suite", "speed", ["speed", "peft", "packing", "sweep"],
+  suite_flag = flags.DEFINE_enum("suite", "speed", ["speed", "peft", "packing", "sweep", "onnx",
+                                                    "distill"],
                                   "Which benchmark to run.")
   batch_flag = flags.DEFINE_integer("batch", 32, "Batch size of the fixed-shape steps.")
   length_flag = flags.DEFINE_integer("length", 128, "Sequence length of the fixed-shape steps.")
@@ -661,6 +881,11 @@ def run() -> None:
   out_flag = flags.DEFINE_string("out", None, "Write the results as JSON here.")
   trials_flag = flags.DEFINE_integer("trials", 12, "--suite=sweep: trials of the sweep.")
   workers_flag = flags.DEFINE_integer("workers", 2, "--suite=sweep: its worker processes.")
+  workdir_flag = flags.DEFINE_string("workdir", None, "--suite=onnx: an SST-2 run of "
+                                     "configs/sst2_minilm.py to export instead of training one.")
+  seeds_flag = flags.DEFINE_integer("seeds", 3, "--suite=distill: seeds of each student.")
+  transfer_flag = flags.DEFINE_integer("transfer", 10000, "--suite=distill: unlabelled training "
+                                       "sentences (those after the labelled ones).")
   worker_flag = flags.DEFINE_list("worker", None, "Internal: serve these kinds of train step "
                                   f"({', '.join(STEP_KINDS)}) to the benchmark process.")
 
@@ -684,6 +909,19 @@ def run() -> None:
               "examples": examples_flag.value}
       out["sweep"] = sweep_against_loop(data, trials_flag.value, workers_flag.value)
       print(sweep_table(out["sweep"]))
+    elif suite_flag.value == "onnx":
+      if not dev_flag.value or not (train_flag.value or workdir_flag.value):
+        fail("--suite=onnx needs --validation_file (SST-2's dev.tsv) and --train_file, or "
+             "--workdir=DIR of a run of configs/sst2_minilm.py instead of --train_file")
+      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
+              "examples": examples_flag.value}
+      out["onnx"] = onnx_suite(data, workdir_flag.value)
+      print(onnx_table(out["onnx"]))
+    elif suite_flag.value == "distill":
+      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
+              "examples": examples_flag.value}
+      out["distill"] = distill_suite(data, seeds_flag.value, transfer_flag.value)
+      print(distill_table(out["distill"]))
     elif suite_flag.value == "packing":
       data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
               "examples": examples_flag.value, "batch": 32, "learning_rate": 1e-4}

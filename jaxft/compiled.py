@@ -384,17 +384,32 @@ def eval_step(exp, cache_prefix: Optional[str] = None) -> WidthPrograms:
                        out_shardings=parallel.batch_sharding(exp.mesh))
 
 
-def train_step(exp, tx, learning_rate, abstract_state: dict, cache_prefix: Optional[str] = None
-               ) -> "JitTrainStep | PmapTrainStep":
+def train_step(exp, tx, learning_rate, abstract_state: dict, cache_prefix: Optional[str] = None,
+               teacher=None) -> "JitTrainStep | PmapTrainStep":
   """The train step for `parallel.mode`, with how its state and batches are laid out.
-  `cache_prefix` (experiment_key of "train"): keep its programs across runs (jit only)."""
+  `cache_prefix` (experiment_key of "train"): keep its programs across runs (jit only).
+  `teacher` (jaxft.distill.Teacher): distil from it."""
   if exp.config.parallel.mode == "pmap":
-    return PmapTrainStep(exp, tx, learning_rate, abstract_state)
-  return JitTrainStep(exp, tx, learning_rate, abstract_state, cache_prefix)
+    return PmapTrainStep(exp, tx, learning_rate, abstract_state, teacher)
+  return JitTrainStep(exp, tx, learning_rate, abstract_state, cache_prefix, teacher)
+
+
+def _step_function(exp, tx, learning_rate, teacher, reduce_axis: Optional[str] = None):
+  return step_lib.make_train_step(exp.logits, exp.task.loss, tx, learning_rate,
+                                  exp.config.train.grad_accum_steps, reduce_axis=reduce_axis,
+                                  dropout_rng=exp.config.train.dropout_rng,
+                                  nonfinite_guard=step_lib.nonfinite_guard_for(exp.platform),
+                                  teacher_loss=teacher and teacher.loss)
 
 
 class _TrainStep:
   """What both modes share: every train and eval shape compiled before training starts."""
+  teacher = None
+
+  def _with_teacher(self, frozen: dict) -> dict:
+    if self.teacher is None:
+      return frozen
+    return {**frozen, step_lib.TEACHER_KEY: self.teacher.params}
 
   def precompile(self, state: dict, frozen: dict, host_batches: list[dict],
                  eval_programs: Optional[WidthPrograms] = None,
@@ -413,15 +428,14 @@ class JitTrainStep(_TrainStep):
   """`parallel.mode=jit`: one jitted step; state and batches carry their NamedShardings."""
 
   def __init__(self, exp, tx, learning_rate, abstract_state: dict,
-               cache_prefix: Optional[str] = None):
-    self.exp = exp
-    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, learning_rate,
-                                  exp.config.train.grad_accum_steps,
-                                  dropout_rng=exp.config.train.dropout_rng,
-                                  nonfinite_guard=step_lib.nonfinite_guard_for(exp.platform))
+               cache_prefix: Optional[str] = None, teacher=None):
+    self.exp, self.teacher = exp, teacher
+    fn = _step_function(exp, tx, learning_rate, teacher)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
-    in_shardings = (self.state_shardings, exp.frozen_shardings(),
-                    parallel.batch_sharding(exp.mesh))
+    frozen_shardings = exp.frozen_shardings()
+    if teacher is not None:
+      frozen_shardings = {**frozen_shardings, step_lib.TEACHER_KEY: teacher.shardings}
+    in_shardings = (self.state_shardings, frozen_shardings, parallel.batch_sharding(exp.mesh))
     out_shardings = (self.state_shardings, parallel.replicated(exp.mesh))
     self._programs = WidthPrograms(fn, cache_prefix=cache_prefix, in_shardings=in_shardings,
                                    out_shardings=out_shardings, donate_argnums=(0,))
@@ -434,11 +448,11 @@ class JitTrainStep(_TrainStep):
     return self.exp.to_mesh(host_batch)
 
   def _step_frozen(self, frozen: dict) -> dict:
-    """The frozen parameters as the train step takes them."""
-    return frozen
+    """The frozen parameters as the train step takes them (with the teacher's)."""
+    return self._with_teacher(frozen)
 
   def __call__(self, state: dict, frozen: dict, batch: dict):
-    return self._programs(state, frozen, batch)
+    return self._programs(state, self._step_frozen(frozen), batch)
 
   def savable(self, state: dict) -> dict:
     return state
@@ -450,13 +464,9 @@ class JitTrainStep(_TrainStep):
 class PmapTrainStep(_TrainStep):
   """`parallel.mode=pmap`: the same step under jax.pmap, state replicated on local devices."""
 
-  def __init__(self, exp, tx, learning_rate, abstract_state: dict):
-    self.exp = exp
-    fn = step_lib.make_train_step(exp.logits, exp.task.loss, tx, learning_rate,
-                                  exp.config.train.grad_accum_steps,
-                                  reduce_axis=parallel.PMAP_AXIS,
-                                  dropout_rng=exp.config.train.dropout_rng,
-                                  nonfinite_guard=step_lib.nonfinite_guard_for(exp.platform))
+  def __init__(self, exp, tx, learning_rate, abstract_state: dict, teacher=None):
+    self.exp, self.teacher = exp, teacher
+    fn = _step_function(exp, tx, learning_rate, teacher, reduce_axis=parallel.PMAP_AXIS)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._programs = WidthPrograms(fn, transform=jax.pmap, axis_name=parallel.PMAP_AXIS,
                                    in_axes=(0, 0, 0), donate_argnums=(0,))
@@ -470,7 +480,7 @@ class PmapTrainStep(_TrainStep):
 
   def _step_frozen(self, frozen: dict) -> dict:
     if self._frozen is None:  # replicated once, then reused by every step
-      self._frozen = parallel.replicate(frozen)
+      self._frozen = parallel.replicate(self._with_teacher(frozen))
     return self._frozen
 
   def __call__(self, state: dict, frozen: dict, batch: dict):

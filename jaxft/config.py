@@ -118,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
   # have none), the checkpoint's own value (attention_probs_dropout_prob) elsewhere. A value
   # above 0 with the fused path trains through the jaxft path (eval still fused).
   c.model.attention_dropout = config_dict.placeholder(float)
+  # Encoder layers of the checkpoint to build the model from, in order: (0, 2, 4) makes a
+  # 3-layer model whose layers start as the checkpoint's 0, 2 and 4 (a distillation student
+  # initialised from its teacher). () = all layers.
+  c.model.keep_layers = ()
 
   c.data = ml_collections.ConfigDict()
   c.data.train_file = config_dict.placeholder(str)
@@ -196,6 +200,24 @@ def base_config() -> ml_collections.ConfigDict:
   # A step whose loss or gradient is not finite changes nothing; then "stop" ends training with
   # an error naming the step (checkpoints keep the last good state), "skip" goes on.
   c.train.nonfinite = "stop"
+  # Knowledge distillation (jaxft/distill.py): the loss becomes (1 - alpha) x the task loss +
+  # alpha x the teacher term: KL divergence to the teacher's temperature-softened
+  # probabilities (times temperature^2), MSE to its value for regression. The teacher runs
+  # frozen inside the same jitted step.
+  c.train.distill = ml_collections.ConfigDict()
+  # A jaxft workdir (its `checkpoint`) or a folder written by jaxft-export --format=hf.
+  c.train.distill.teacher = config_dict.placeholder(str)
+  c.train.distill.checkpoint = "best"
+  c.train.distill.temperature = 2.0
+  c.train.distill.alpha = 0.5
+  # Also match the hidden states of student layer i and teacher layer ceil((i + 1) x
+  # teacher_layers / student_layers) - 1: this weight x their squared difference (mean over
+  # the width and layers), summed over an example's tokens. Needs equal widths.
+  c.train.distill.hidden_weight = 0.0
+  # Unlabelled examples (the training file's text columns) added to the training data: they
+  # learn from the teacher term only. Read like data.train_file, the first N rows if set.
+  c.train.distill.transfer_file = config_dict.placeholder(str)
+  c.train.distill.max_transfer_examples = config_dict.placeholder(int)
 
   c.optimizer = ml_collections.ConfigDict()
   # Per-parameter multipliers as first-match (regex over parameter paths, multiplier) rules;
@@ -336,6 +358,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("train.compute_dtype", t.compute_dtype, COMPUTE_DTYPES)
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
   _one_of("train.dropout_rng", t.dropout_rng, DROPOUT_RNGS)
+  _validate_distill(t.distill, kind)
+  keep = tuple(c.model.keep_layers)
+  _check(all(isinstance(i, int) and i >= 0 for i in keep) and len(set(keep)) == len(keep),
+         f"config model.keep_layers={keep} must list distinct layer indices >= 0, e.g. (0, 2, 4)")
 
   _one_of("peft.method", c.peft.method, PEFT_METHODS)
   _positive("peft.lora.rank", c.peft.lora.rank)
@@ -377,6 +403,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _check(axis is None or axis in MESH_AXES,
              f"config parallel.param_rules pattern {rule[0]!r} names axis {axis!r}; use one of "
              f"{list(MESH_AXES)} or None")
+
+
+DISTILL_KINDS = ("classification", "regression", "multilabel", "token_classification")
+
+
+def _validate_distill(d: ml_collections.ConfigDict, kind: str) -> None:
+  if d.teacher is None:
+    _check(d.transfer_file is None, "config train.distill.transfer_file is set without "
+           "train.distill.teacher: unlabelled examples learn from a teacher; set one")
+    return
+  _check(kind in DISTILL_KINDS, f"config train.distill.teacher is set, but task.kind={kind} "
+         f"has no distillation; use one of {list(DISTILL_KINDS)}")
+  _positive("train.distill.temperature", d.temperature)
+  _check(0.0 <= d.alpha <= 1.0, f"config train.distill.alpha={d.alpha} must be in [0, 1] (the "
+         "teacher term's weight)")
+  _non_negative("train.distill.hidden_weight", d.hidden_weight)
+  _check(d.max_transfer_examples is None or d.max_transfer_examples > 0,
+         f"config train.distill.max_transfer_examples={d.max_transfer_examples} must be a "
+         "positive count")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -2,6 +2,10 @@ r"""Evaluate a checkpoint: `python -m jaxft.evaluate --workdir=DIR [--checkpoint
 
 Everything comes from DIR (its config.json and checkpoints): no other flags are needed. Prints the
 metrics and writes DIR/eval/<split>-step<N>.json as {"step": N, "split": ..., "metrics": {...}}.
+
+`python -m jaxft.evaluate --model=OUT/model.onnx --split_file=FILE` scores an ONNX export
+(jaxft.export --format=onnx) with onnxruntime on a labelled file in the run's data format, and
+prints the metrics.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Optional
 import jax
 from absl import flags
 
-from jaxft import inference, metrics as metrics_lib, parallel, runtime, storage
+from jaxft import inference, metrics as metrics_lib, onnx_export, parallel, runtime, storage
 from jaxft.errors import fail
 from jaxft.metrics import scalars
 
@@ -34,13 +38,33 @@ def evaluate_checkpoint(workdir: str, which: str = "best", split: str = "validat
   record = {"step": step, "split": split, "checkpoint": which, "metrics": result,
             "label_names": list(exp.label_names), "examples": examples}
   if jax.process_index() == 0:
-    print(f"{split} metrics of checkpoint step {step} ({which}), {examples} examples:")
-    for name, value in scalars(result).items():
-      print(f"  {name}: {value:.6f}")
-    for line in _per_type_table(result.get("per_type", {})):
-      print(line)
+    _print_metrics(f"{split} metrics of checkpoint step {step} ({which}), {examples} examples:",
+                   result)
     _write_evaluation(workdir, record, exp, outputs, data)
   return record
+
+
+def evaluate_onnx(model: str, split_file: str) -> dict:
+  """The metrics of an ONNX export on the labelled `split_file`, printed (nothing is written:
+  an export has no workdir)."""
+  path = onnx_export.onnx_file(model)
+  if path is None:
+    fail(f"--model={model} is neither a .onnx file nor a folder holding "
+         f"{onnx_export.ONNX_FILE}; evaluate a training run with --workdir=DIR")
+  predictor = onnx_export.OnnxPredictor(path)
+  data = predictor.read(split_file)
+  result = metrics_lib.task_metrics(predictor.task, predictor.outputs(data), data)
+  examples = len(data.words.words) if data.words is not None else len(data)
+  _print_metrics(f"metrics of {path} on {split_file}, {examples} examples:", result)
+  return {"model": path, "split_file": split_file, "metrics": result, "examples": examples}
+
+
+def _print_metrics(title: str, result: dict) -> None:
+  print(title)
+  for name, value in scalars(result).items():
+    print(f"  {name}: {value:.6f}")
+  for line in _per_type_table(result.get("per_type", {})):
+    print(line)
 
 
 def _write_evaluation(workdir: str, record: dict, exp, outputs: dict, data) -> None:
@@ -93,9 +117,23 @@ def run() -> None:
   mesh_flag = flags.DEFINE_string("mesh", None, "Mesh to evaluate on, e.g. data=8 or "
                                   "data=2,fsdp=4 (default: the run's own if it fits these "
                                   "devices, else all devices data-parallel).")
-  runtime.run_main(lambda: evaluate_checkpoint(
-      workdir_flag.value, checkpoint_flag.value, split_flag.value,
-      mesh=parse_mesh(mesh_flag.value)), required=("workdir",))
+  model_flag = flags.DEFINE_string("model", None, "Instead of --workdir: a model.onnx (or "
+                                   "model.int8.onnx, or its folder) written by jaxft.export "
+                                   "--format=onnx; needs --split_file.")
+  split_file_flag = flags.DEFINE_string("split_file", None, "With --model: the labelled file to "
+                                        "score, in the run's data format.")
+
+  def main():
+    if model_flag.value:
+      if workdir_flag.value or not split_file_flag.value:
+        fail("--model takes --split_file=FILE (a labelled file) and no --workdir; see --help")
+      return evaluate_onnx(model_flag.value, split_file_flag.value)
+    if not workdir_flag.value:
+      fail("--workdir is required (or --model=MODEL.onnx with --split_file=FILE); see --help")
+    return evaluate_checkpoint(workdir_flag.value, checkpoint_flag.value, split_flag.value,
+                               mesh=parse_mesh(mesh_flag.value))
+
+  runtime.run_main(main)
 
 if __name__ == "__main__":
   run()

@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxft import config as config_lib
 from jaxft import attention, compiled, models, optim, parallel, peft, rules, step as step_lib, tasks
-from jaxft.data import batching, mlm, order, packing
+from jaxft.data import batching, encode, mlm, order, packing
 from jaxft.data.encode import Encoded, read_split
 from jaxft.errors import fail
 
@@ -190,6 +190,11 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   if read_train:
     train_data, label_names = read_split(config.data.train_file, config, tokenizer, label_names,
                                          config.data.max_train_examples)
+    transfer = config.train.distill
+    if transfer.transfer_file:  # unlabelled: they learn from the teacher only (jaxft.distill)
+      train_data = encode.concatenate(train_data, encode.read_unlabelled_examples(
+          transfer.transfer_file, config, tokenizer, label_names,
+          transfer.max_transfer_examples))
   needs_labels = config.task.kind not in ("regression", "mlm")
   if needs_labels and not label_names:
     fail("the label names are unknown: set data.label_names or give a training file")
@@ -207,7 +212,7 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
     dropout_rate = 0.0  # fused kernels drop nothing: say so, rather than train another model
   model = models.load_model(model_dir, task, config.model.pooling, config.seed,
                             config.train.compute_dtype, config.model.trust_remote_code,
-                            implementation, dropout_rate)
+                            implementation, dropout_rate, tuple(config.model.keep_layers))
   config = config_lib.replace(config, {
       "model.attention_dropout": models.attention_dropout(model.hf_config)})
   if task.kind == "regression" and train_data is not None:
@@ -269,7 +274,7 @@ def _start_at_the_mean(model: models.Model, targets: np.ndarray, head_pattern: s
   encoder instead; starting at the mean lets training spend itself on the variation.
   """
   head = ((head_pattern, True),)
-  mean = np.full((1,), float(np.mean(targets)), np.float32)
+  mean = np.full((1,), float(np.nanmean(targets)), np.float32)  # NaN: unlabelled
   params = rules.map_paths(
       lambda path, x: mean if (path.endswith("/bias") and np.shape(x) == (1,)
                                and rules.first_match(path, head, False)) else x, model.params)

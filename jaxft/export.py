@@ -1,4 +1,5 @@
-r"""Export a checkpoint: `python -m jaxft.export --workdir=DIR --output=OUT --format=hf|peft`.
+r"""Export a checkpoint:
+`python -m jaxft.export --workdir=DIR --output=OUT --format=hf|peft|onnx [--quantize=int8]`.
 
   hf    a merged, standalone Hugging Face model folder: config.json (with id2label), tokenizer,
         flax_model.msgpack (Flax) and model.safetensors in PyTorch layout, so that both
@@ -9,12 +10,16 @@ r"""Export a checkpoint: `python -m jaxft.export --workdir=DIR --output=OUT --fo
   peft  a LoRA adapter in the layout of the Hugging Face PEFT library: adapter_config.json and
         adapter_model.safetensors (PyTorch names, lora_A (r, in), lora_B (out, r), the head in
         modules_to_save), for `peft.PeftModel.from_pretrained(base, OUT)`.
+  onnx  model.onnx (float32; with --quantize=int8 also model.int8.onnx), the tokenizer,
+        config.json and jaxft's config, for jaxft.predict --model=OUT/model.onnx or any ONNX
+        runtime; checked against jaxft's logits before the command ends (jaxft.onnx_export).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Optional
 
 import jax
@@ -22,10 +27,10 @@ import numpy as np
 from absl import flags
 from flax import serialization, traverse_util
 
-from jaxft import config as config_lib, inference, models, peft, runtime, storage
+from jaxft import config as config_lib, inference, models, onnx_export, peft, runtime, storage
 from jaxft.errors import fail
 
-FORMATS = ("hf", "peft")
+FORMATS = ("hf", "peft", "onnx")
 _PEFT_TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS",
                     "multilabel": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
 
@@ -118,9 +123,18 @@ def export_peft(exp, params: dict, output: str, base_name: Optional[str]) -> Non
     json.dump(adapter_config, f, indent=2)
 
 
-def export(workdir: str, output: str, fmt: str, which: str = "best") -> int:
+def export(workdir: str, output: str, fmt: str, which: str = "best",
+           quantize: str = "none") -> int:
   if fmt not in FORMATS:
     fail(f"--format={fmt!r} is not one of {list(FORMATS)}")
+  if quantize not in onnx_export.QUANTIZE:
+    fail(f"--quantize={quantize!r} is not one of {list(onnx_export.QUANTIZE)}")
+  if quantize != "none" and fmt != "onnx":
+    fail(f"--quantize={quantize} applies to --format=onnx only; drop it, or export with "
+         "--format=onnx")
+  if fmt == "onnx":  # before the slow part: what cannot work is said at once
+    onnx_export.check_exportable(inference.load_run_config(workdir))
+    onnx_export.require("--format=onnx", "torch", "onnx", "onnxscript", "onnxruntime")
   runtime.configure_jax()
   exp, step, params = inference.restore(workdir, which)
   if storage.listdir(output):
@@ -128,6 +142,11 @@ def export(workdir: str, output: str, fmt: str, which: str = "best") -> int:
   with storage.local_folder(output) as folder:  # a gs:// output is written here, then copied
     if fmt == "hf":
       export_hf(exp, params, folder)
+    elif fmt == "onnx":  # through the merged Hugging Face folder and its PyTorch classes
+      print(f"exporting checkpoint step {step} of {workdir} as onnx:")
+      with tempfile.TemporaryDirectory(prefix="jaxft-hf-") as hf_folder:
+        export_hf(exp, params, hf_folder)
+        onnx_export.export(exp, params, hf_folder, folder, quantize)
     else:
       export_peft(exp, params, folder, exp.model_dir)
   print(f"exported checkpoint step {step} of {workdir} as {fmt} to {output}")
@@ -139,10 +158,17 @@ def run() -> None:
   workdir_flag = flags.DEFINE_string("workdir", None, "Run directory written by jaxft.train.")
   output_flag = flags.DEFINE_string("output", None, "Folder to write (new or empty).")
   format_flag = flags.DEFINE_enum("format", "hf", list(FORMATS), "hf: merged Hugging Face "
-                                  "model folder; peft: LoRA adapter for the PEFT library.")
+                                  "model folder; peft: LoRA adapter for the PEFT library; onnx: "
+                                  "model.onnx for onnxruntime.")
   checkpoint_flag = flags.DEFINE_string("checkpoint", "best", "best, latest or a step number.")
+  quantize_flag = flags.DEFINE_enum("quantize", "none", list(onnx_export.QUANTIZE), "With "
+                                    "--format=onnx: int8 also writes model.int8.onnx (int8 "
+                                    "weights, dynamic quantization).")
   runtime.run_main(lambda: export(workdir_flag.value, output_flag.value, format_flag.value,
-                                  checkpoint_flag.value), required=("workdir", "output"))
+                                  checkpoint_flag.value, quantize_flag.value),
+                   required=("workdir", "output"),
+                   # --format=onnx goes through transformers' PyTorch classes
+                   uses_torch=lambda: format_flag.value == "onnx")
 
 if __name__ == "__main__":
   run()

@@ -66,9 +66,11 @@ def restore(workdir: str, which: str = "best", devices=None, mesh: Optional[dict
   return exp, step, params
 
 
-def load_exported(folder: str) -> tuple[experiment.Experiment, dict]:
+def load_exported(folder: str, devices=None, mesh: Optional[dict] = None
+                  ) -> tuple[experiment.Experiment, dict]:
   """(experiment, params) for a folder written by `jaxft.export --format=hf`: its weights are
-  the whole model (LoRA merged, head included), so nothing is restored from a checkpoint."""
+  the whole model (LoRA merged, head included), so nothing is restored from a checkpoint.
+  `devices` and `mesh` as for `restore`."""
   path = os.path.join(folder, EXPORT_CONFIG_FILE)
   if not os.path.exists(path):
     fail(f"{folder} is not a model exported by jaxft (no {EXPORT_CONFIG_FILE}); export one with "
@@ -78,8 +80,9 @@ def load_exported(folder: str) -> tuple[experiment.Experiment, dict]:
   config = config_lib.replace(saved, {
       "model.name_or_path": os.path.abspath(folder),
       "peft.method": "none",  # merged weights: every parameter is simply loaded
-      "parallel.mode": "jit", "parallel.mesh": {"data": -1, "fsdp": 1, "tensor": 1}})
-  exp = experiment.build(config, read_train=False)
+      "parallel.mode": "jit",
+      "parallel.mesh": {"data": -1, "fsdp": 1, "tensor": 1} if mesh is None else mesh})
+  exp = experiment.build(config, read_train=False, devices=devices)
   return exp, jax.device_put(exp.trainable_init, exp.param_shardings())
 
 

@@ -290,11 +290,13 @@ def attention_dropout(hf_config) -> Optional[float]:
 
 def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str = "float32",
                trust_remote_code: bool = False, attention_implementation: str = "hf",
-               attention_dropout_rate: Optional[float] = None) -> Model:
+               attention_dropout_rate: Optional[float] = None,
+               keep_layers: tuple[int, ...] = ()) -> Model:
   """Loads the pretrained encoder with a fresh head for `task` (jaxft.tasks.Task);
   `attention_implementation` is what runs BERT-family self-attention
   (jaxft.attention.implementation); `attention_dropout_rate`, when given, replaces the
-  checkpoint's dropout on attention probabilities."""
+  checkpoint's dropout on attention probabilities; `keep_layers` (model.keep_layers) builds
+  the model from those encoder layers of the checkpoint only."""
   _quiet_transformers()
   import transformers
   from transformers import AutoConfig
@@ -313,16 +315,26 @@ def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str
   auto_class = getattr(transformers, "FlaxAutoModel" if pooling == "mean"
                        else _AUTO_CLASSES[task.kind])
   dtype = jnp.bfloat16 if compute_dtype == "bfloat16" else jnp.float32
-  try:
-    hf_model = auto_class.from_config(hf_config, _do_init=False, dtype=dtype,
-                                      trust_remote_code=trust_remote_code)
-  except ValueError as e:
-    fail(f"cannot build a Flax {auto_class.__name__} from {model_dir}: {e}")
   rng = jax.random.PRNGKey(seed)
-  shapes = jax.eval_shape(lambda: hf_model.init_weights(rng, (1, 8)))
+
+  def build(hf_config):
+    try:
+      hf_model = auto_class.from_config(hf_config, _do_init=False, dtype=dtype,
+                                        trust_remote_code=trust_remote_code)
+    except ValueError as e:
+      fail(f"cannot build a Flax {auto_class.__name__} from {model_dir}: {e}")
+    return hf_model, jax.eval_shape(lambda: hf_model.init_weights(rng, (1, 8)))
+
+  hf_model, shapes = build(hf_config)
+  # The checkpoint is read with its own depth: the PyTorch -> Flax conversion names only the
+  # parameters of the model it is given.
   loaded = _read_weights(path, from_pt, hf_model.base_model_prefix, shapes)
-  std = float(getattr(hf_config, "initializer_range", 0.02))
   loaded = _align_prefix(loaded, hf_model.base_model_prefix, shapes)
+  if keep_layers:
+    hf_config.num_hidden_layers = _checked_layer_count(hf_config, keep_layers, model_dir)
+    hf_model, shapes = build(hf_config)
+    loaded = keep_encoder_layers(loaded, keep_layers)
+  std = float(getattr(hf_config, "initializer_range", 0.02))
   params = _init_missing(shapes, _fitting_head(loaded, shapes, hf_model.base_model_prefix),
                          seed, std)
   if pooling == "mean":
@@ -333,6 +345,40 @@ def load_model(model_dir: str, task, pooling: str, seed: int, compute_dtype: str
     params = {hf_model.base_model_prefix: params,
               "classifier": _init_missing(head_shapes, saved_head, seed, std)}
   return Model(hf_model, params, pooling, model_dir, hf_config, attention_implementation)
+
+
+def _checked_layer_count(hf_config, keep_layers: tuple[int, ...], model_dir: str) -> int:
+  layers = getattr(hf_config, "num_hidden_layers", None)
+  if not isinstance(layers, int):
+    fail(f"config model.keep_layers is set, but {model_dir}/config.json has no "
+         "num_hidden_layers; leave model.keep_layers empty for this model")
+  if max(keep_layers) >= layers:
+    fail(f"config model.keep_layers={tuple(keep_layers)} names layer {max(keep_layers)}, but "
+         f"the model in {model_dir} has layers 0..{layers - 1}")
+  return len(keep_layers)
+
+
+def _layer_index(key: tuple) -> Optional[int]:
+  """Where an encoder layer's number sits in a parameter path (BERT, RoBERTa, ELECTRA:
+  .../encoder/layer/<i>/...; DistilBERT: .../transformer/layer/<i>/...), else None."""
+  for i in range(1, len(key) - 1):
+    if key[i] == "layer" and key[i - 1] in ("encoder", "transformer") and str(
+        key[i + 1]).isdigit():
+      return i + 1
+  return None
+
+
+def keep_encoder_layers(params: dict, keep_layers: tuple[int, ...]) -> dict:
+  """`params` with encoder layer keep_layers[j] renumbered j and the other layers dropped."""
+  new_index = {str(old): str(new) for new, old in enumerate(keep_layers)}
+  out = {}
+  for key, value in traverse_util.flatten_dict(params).items():
+    at = _layer_index(key)
+    if at is None:
+      out[key] = value
+    elif str(key[at]) in new_index:
+      out[key[:at] + (new_index[str(key[at])],) + key[at + 1:]] = value
+  return traverse_util.unflatten_dict(out)
 
 
 MEAN_POOLING_HEAD_FILE = "jaxft_head.safetensors"  # written by jaxft.export for pooling=mean

@@ -1,6 +1,8 @@
 r"""Predict with a trained model:
 `python -m jaxft.predict --workdir=DIR [--checkpoint=best] --input=FILE --output=FILE`
-or, from a folder written by `jaxft.export --format=hf`, `--model=FOLDER` instead of `--workdir`.
+or, from a folder written by `jaxft.export --format=hf`, `--model=FOLDER` instead of `--workdir`;
+`--model=OUT/model.onnx` (or `OUT/model.int8.onnx`, or the folder OUT) runs a `--format=onnx`
+export with onnxruntime, with the same tokenization, batching and output.
 
 Input: plain text (.txt: one example per line, a pair's two texts tab-separated; for token
 classification, words separated by spaces), a TSV/CSV/JSON/JSONL/parquet file holding the
@@ -21,12 +23,13 @@ if __name__ == "__main__":  # `python -m jaxft.predict`: start-up comes before J
   from jaxft import runtime
   runtime.start_process()
 
+import functools
 from typing import Optional
 
 import jax
 from absl import flags
 
-from jaxft import inference, runtime, storage
+from jaxft import inference, onnx_export, runtime, storage
 from jaxft.data import encode
 from jaxft.errors import fail
 
@@ -49,16 +52,21 @@ def _check_text_fields(path: str, config, fmt: Optional[str]) -> None:
 
 def predict(workdir: Optional[str], input_path: str, output: str, which: str = "best",
             model_folder: Optional[str] = None, input_format: Optional[str] = None) -> list:
-  runtime.configure_jax()
-  exp, params = inference.load(workdir, model_folder, which)
-  _check_text_fields(input_path, exp.config, input_format)
-  data = encode.read_inputs(input_path, exp.config, exp.tokenizer, exp.label_names,
-                            input_format)
-  outputs = inference.Predictor(exp).outputs(params, data)
-  records = inference.prediction_records(exp.task, outputs, data)
-  if jax.process_index() == 0:
+  onnx_path = onnx_export.onnx_file(model_folder) if model_folder and not workdir else None
+  if onnx_path:  # onnxruntime on this host: no JAX
+    model = onnx_export.OnnxPredictor(onnx_path)
+    config, tokenizer, task, outputs = model.config, model.tokenizer, model.task, model.outputs
+  else:
+    runtime.configure_jax()
+    exp, params = inference.load(workdir, model_folder, which)
+    config, tokenizer, task = exp.config, exp.tokenizer, exp.task
+    outputs = functools.partial(inference.Predictor(exp).outputs, params)
+  _check_text_fields(input_path, config, input_format)
+  data = encode.read_inputs(input_path, config, tokenizer, task.label_names, input_format)
+  records = inference.prediction_records(task, outputs(data), data)
+  if onnx_path or jax.process_index() == 0:
     storage.makedirs(storage.parent(output))
-    inference.write_records(records, output, exp.task.kind)
+    inference.write_records(records, output, task.kind)
     print(f"wrote {len(records)} predictions to {output}")
   return records
 
@@ -67,7 +75,8 @@ def run() -> None:
   """Console script `jaxft-predict` (flags defined here, not at import: see jaxft.train.run)."""
   workdir_flag = flags.DEFINE_string("workdir", None, "Run directory written by jaxft.train.")
   model_flag = flags.DEFINE_string("model", None, "Instead of --workdir: a folder written by "
-                                   "jaxft.export --format=hf.")
+                                   "jaxft.export --format=hf, or a model.onnx (model.int8.onnx) "
+                                   "written by --format=onnx, or its folder.")
   checkpoint_flag = flags.DEFINE_string("checkpoint", "best", "With --workdir: best, latest or "
                                         "a step number.")
   input_flag = flags.DEFINE_string("input", None, "Examples to predict: .txt (one per line, "

@@ -182,15 +182,15 @@ def _unquote(error: Exception) -> str:
 
 
 def run_main(body, required: tuple = (), example: str = "--workdir=DIR",
-             uses_torch: bool = False) -> None:
+             uses_torch: bool | Callable[[], bool] = False) -> None:
   """Runs an entry point: parses the flags (defined by the caller beforehand), checks that the
   `required` flags (names) are set, then calls `body()`; a user error anywhere is one line and
-  exit status 2."""
+  exit status 2. `uses_torch` may be a function of the parsed flags."""
   from absl import app, flags
   from jaxft.errors import fail, run_cli
   # jaxft never needs PyTorch (safetensors convert without it), but transformers imports it
   # whenever it is installed, seconds of every command's start. USE_TORCH, when set, wins.
-  if not uses_torch:
+  if uses_torch is False:
     os.environ.setdefault("USE_TORCH", "0")
   # --debug is filed under the calling entry point's module (absl's name for it), so that its
   # --help lists it with the entry point's own flags.
@@ -209,6 +209,8 @@ def run_main(body, required: tuple = (), example: str = "--workdir=DIR",
       if missing:
         fail(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required; see "
              "--help")
+      if callable(uses_torch) and not uses_torch():  # parsed flags, transformers not loaded yet
+        os.environ.setdefault("USE_TORCH", "0")
       body()
 
     run_cli(checked_body, flags.FLAGS["debug"].value)

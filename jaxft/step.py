@@ -34,6 +34,10 @@ def combine(trainable: dict, frozen: dict) -> dict:
 
 
 LossFn = Callable[[jax.Array, dict], tuple[jax.Array, jax.Array]]  # -> (loss sum, weight sum)
+# Distillation (jaxft.distill.objective): (student params, teacher params, batch, dropout key)
+# -> (loss sum, weight sum). The teacher's parameters travel in `frozen` under TEACHER_KEY.
+TeacherLossFn = Callable[[dict, dict, dict, jax.Array], tuple[jax.Array, jax.Array]]
+TEACHER_KEY = "distillation_teacher"
 TRAIN_INPUTS = (*MODEL_INPUTS, "labels", "label_weights", "weights")
 
 
@@ -67,7 +71,7 @@ def nonfinite_guard_for(platform: str) -> str:
 def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTransformation,
                     learning_rate: Callable[[dict], jax.Array], grad_accum_steps: int,
                     reduce_axis: Optional[str] = None, dropout_rng: str = "hash",
-                    nonfinite_guard: str = "cond"):
+                    nonfinite_guard: str = "cond", teacher_loss: Optional[TeacherLossFn] = None):
   """Returns train_step(state, frozen, batch) -> (state, metrics); jit it with donation.
 
   `loss_fn(logits, batch)` is the task's (jaxft.tasks): a summed loss and the summed weight it
@@ -89,12 +93,19 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
 
   `nonfinite_guard` ("cond" or "select", see `nonfinite_guard_for`): how a step whose loss or
   gradient is not finite leaves the state as it was.
+
+  `teacher_loss` (distillation) replaces `loss_fn`: `frozen` then also holds the teacher's
+  parameters under TEACHER_KEY, a constant of the step like the rest of `frozen`.
   """
   if nonfinite_guard not in NONFINITE_GUARDS:
     raise ValueError(f"nonfinite_guard={nonfinite_guard!r}; use one of {NONFINITE_GUARDS}")
 
   def summed_loss(params, frozen, micro, rng, block):
     key = hash_rng.dropout_key(rng, dropout_rng, block)
+    if teacher_loss is not None:
+      teacher = frozen[TEACHER_KEY]
+      frozen = {k: v for k, v in frozen.items() if k != TEACHER_KEY}
+      return teacher_loss(combine(params, frozen), teacher, micro, key)
     return loss_fn(logits_fn(combine(params, frozen), micro, key, True), micro)
 
   # Differentiates the trainable `params` only (argument 0); `frozen` is a constant.

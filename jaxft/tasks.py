@@ -44,19 +44,25 @@ class Task:
   # ---- on the devices (pure, jitted inside the steps) -----------------------------------------
   def loss(self, logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(summed loss, summed weight) over the batch; padding rows and unscored tokens weigh 0."""
-    weights = batch["weights"]
-    if self.kind == "classification":
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    elif self.kind == "regression":
-      losses = jnp.square(logits[:, 0] - batch["labels"])
-    elif self.kind == "multilabel":
-      losses = optax.sigmoid_binary_cross_entropy(logits, batch["labels"]).mean(-1)
-    else:  # token-level: every scored token counts once
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-      weights = batch["label_weights"]
-      if not is_packed(batch):  # packed rows: padding already weighs 0 per token
-        weights = weights * batch["weights"][:, None]
-    return jnp.sum(losses * weights), jnp.sum(weights)
+    weights = self.loss_weights(batch)
+    return jnp.sum(self.losses(logits, batch["labels"]) * weights), jnp.sum(weights)
+
+  def losses(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The loss of each example (sequence tasks) or token (token tasks)."""
+    if self.kind == "regression":
+      return jnp.square(logits[:, 0] - labels)
+    if self.kind == "multilabel":
+      return optax.sigmoid_binary_cross_entropy(logits, labels).mean(-1)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+  def loss_weights(self, batch: dict) -> jax.Array:
+    """What each example (sequence tasks) or token (token tasks: every scored token counts
+    once) weighs in the loss; padding weighs 0."""
+    if self.kind not in ("token_classification", "mlm"):
+      return batch["weights"]
+    if is_packed(batch):  # packed rows: padding already weighs 0 per token
+      return batch["label_weights"]
+    return batch["label_weights"] * batch["weights"][:, None]
 
   def eval_outputs(self, logits: jax.Array, batch: dict) -> dict:
     """What evaluation pulls to the host per row: logits, except for mlm, whose [B, T, vocab]

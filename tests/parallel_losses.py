@@ -4,7 +4,8 @@ Run as a script: it must set the CPU device count before JAX starts.
   python tests/parallel_losses.py --model=DIR --train=F --dev=F --out=OUT.json \
       --layout=one:jit:1 --layout=dp8:jit:8:data=8 --layout=pmap8:pmap:8:data=8 ...
 A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]; a NAME starting with "lora" trains LoRA, one
-starting with "packed" packs its batches (by tokens, in 8 groups whatever the mesh). With --eval_layouts, each run's checkpoint is
+starting with "packed" packs its batches (by tokens, in 8 groups whatever the mesh), one
+starting with "distill" trains a 1-layer student of the run of layout "one" (given first). With --eval_layouts, each run's checkpoint is
 also evaluated on every layout given there (restore on another mesh).
 """
 
@@ -20,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
 from jaxft import evaluate, parallel, train  # noqa: E402
-from jaxft.config import base_config  # noqa: E402
+from jaxft.config import base_config, replace  # noqa: E402
 from jaxft.metrics import read_metrics  # noqa: E402
 
 
@@ -103,6 +104,9 @@ def main():
     devices = jax.devices()[:ndev]
     method = "lora" if name.startswith("lora") else "none"  # e.g. --layout=lora_fsdp:jit:8:...
     config = tiny_config(args, mode, mesh, args.steps, method, name.startswith("packed"))
+    if name.startswith("distill"):  # logits and hidden states of the teacher, on this mesh
+      config = replace(config, {"train.distill.teacher": os.path.join(args.workdir, "one"),
+                                "train.distill.hidden_weight": 0.5, "model.keep_layers": (1,)})
     final = train.train_and_evaluate(config, workdir, devices)
     records = read_metrics(workdir, "train")
     entry = {"losses": [r["loss"] for r in records], "accuracy": final["accuracy"],

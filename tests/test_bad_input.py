@@ -136,6 +136,12 @@ CASES = [
      ["model.pooling=mean", "use model.pooling=default"]),
     ("selection metric of another task", ["--config.checkpoint.best_metric=f1"],
      ["checkpoint.best_metric='f1'"]),
+    ("missing teacher", ["--config.train.distill.teacher={root}/no_teacher"],
+     ["train.distill.teacher=", "neither a jaxft workdir", "train or export the teacher"]),
+    ("transfer data without a teacher", ["--config.train.distill.transfer_file={non_utf8}"],
+     ["transfer_file is set without train.distill.teacher"]),
+    ("student layer the model lacks", ["--config.model.keep_layers=(0,5)"],
+     ["keep_layers=(0, 5) names layer 5", "layers 0..1"]),
 ]
 
 

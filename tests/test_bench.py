@@ -107,3 +107,31 @@ def test_the_sweep_table_gives_the_loops_time_against_the_sweeps():
   assert "| 1 | 2e-05 | 32 | pruned 0.6100 | 2 |" in table
   assert "sweep (2 workers, pruning): 35 s; the same trials one after another, unpruned: 70 s " \
          "(2.00x)" in table
+
+
+def test_the_onnx_table_gives_each_models_speed_against_jaxfts():
+  def row(accuracy, difference, mb, ms1, per_s1, ms32, per_s32):
+    return {"accuracy": accuracy, "max_difference": difference, "mb": mb,
+            "batch1": {"ms": ms1, "sentences_per_s": per_s1},
+            "batch32": {"ms": ms32, "sentences_per_s": per_s32},
+            "file": {"ms": 1000.0, "sentences_per_s": per_s32 * 2}}
+  table = bench.onnx_table({"examples": 872, "packing": "tokens", "attention": "kernel", "rows": {
+      "jaxft": row(0.82, 0.0, 90.9, 10.0, 100.0, 200.0, 160.0),
+      "ONNX float32": row(0.82, 2e-6, 90.6, 5.0, 200.0, 100.0, 320.0),
+      "ONNX int8": row(0.815, 0.05, 23.0, 2.5, 400.0, 50.0, 640.0)}})
+  assert ("| jaxft | 0.8200 | - | 90.9 | 10.00 | 100 | 1.00x | 200.00 | 160 | 1.00x | 320 | "
+          "1.00x |") in table
+  assert ("| ONNX int8 | 0.8150 | 5.0e-02 | 23.0 | 2.50 | 400 | 4.00x | 50.00 | 640 | 4.00x | "
+          "1280 | 4.00x |") in table
+
+
+def test_the_distillation_table_compares_students_with_the_teacher():
+  def row(layers, accuracy, sd, train_s, predict_s):
+    return {"layers": layers, "accuracy": accuracy, "accuracy_sd": sd, "train_s": train_s,
+            "predict_s": predict_s}
+  table = bench.distill_table({"seeds": 3, "examples": 2000, "transfer": 10000, "rows": {
+      "teacher": row(6, 0.82, 0.0, 40.0, 4.0),
+      "student distilled": row(3, 0.81, 0.005, 30.0, 2.0)}})
+  assert "| teacher | 6 | 0.8200 (0.0000) | +0.00 pts | 40 | 4.00 | 1.00x |" in table
+  assert "| student distilled | 3 | 0.8100 (0.0050) | -1.00 pts | 30 | 2.00 | 2.00x |" in table
+  assert "2,000 labelled sentences" in table and "mean (sd) of 3 seeds" in table

@@ -116,3 +116,24 @@ def test_global_batch_not_divisible_by_the_data_parallel_size(train_args, monkey
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   _assert_user_error(_run("jaxft.train", *train_args, "--config.train.batch_size=12"),
                      "train.batch_size=12 is not divisible by the data-parallel size 8")
+
+
+def test_quantize_with_another_format_than_onnx(tmp_path):
+  _assert_user_error(_run("jaxft.export", f"--workdir={tmp_path}", f"--output={tmp_path}/out",
+                          "--format=hf", "--quantize=int8"),
+                     "--quantize=int8 applies to --format=onnx only")
+
+
+def test_onnx_model_that_does_not_exist(tmp_path):
+  _assert_user_error(_run("jaxft.predict", f"--model={tmp_path}/model.onnx",
+                          f"--input={tmp_path}/in.txt", f"--output={tmp_path}/out.jsonl"),
+                     f"--model={tmp_path}/model.onnx does not exist")
+
+
+def test_onnx_export_of_a_masked_lm_run(tmp_path):
+  from jaxft import config as config_lib
+  c = config_lib.base_config()
+  c.task.kind = "mlm"
+  (tmp_path / "config.json").write_text(config_lib.to_json(c))  # checked before any restore
+  _assert_user_error(_run("jaxft.export", f"--workdir={tmp_path}", f"--output={tmp_path}/out",
+                          "--format=onnx"), "task.kind=mlm is not supported")

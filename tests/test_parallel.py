@@ -18,7 +18,9 @@ from tests.conftest import REPO, write_config_file
 LAYOUTS = ["one:jit:1", "dp8:jit:8:data=8", "dp2fsdp4:jit:8:data=2,fsdp=4",
            "dp4tp2:jit:8:data=4,tensor=2", "pmap8:pmap:8:data=8",
            "lora_one:jit:1", "lora_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2", "lora_pmap:pmap:8:data=8",
-           "packed_one:jit:1", "packed_dp2fsdp4:jit:8:data=2,fsdp=4", "packed_pmap8:pmap:8:data=8"]
+           "packed_one:jit:1", "packed_dp2fsdp4:jit:8:data=2,fsdp=4", "packed_pmap8:pmap:8:data=8",
+           "distill_one:jit:1", "distill_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2",
+           "distill_pmap:pmap:8:data=8"]
 
 
 def _max_relative_difference(a, b):
@@ -65,6 +67,15 @@ def test_jit_and_pmap_compile_every_train_shape_before_the_first_step(layout_run
     assert first_eval < len(run["compiles"])  # there are steps after it
     first_epoch, after = run["compiles"][:first_eval], run["compiles"][first_eval:]
     assert len(set(first_epoch)) == 1 and len(set(after)) == 1, (name, run["compiles"])
+
+
+def test_distillation_trains_the_same_under_every_parallel_mode(layout_runs):
+  """The teacher's parameters take the student's mesh and rules: a sharded or pmapped teacher
+  gives one device's distillation losses (logits and hidden states matched)."""
+  reference = layout_runs["distill_one"]["losses"]
+  assert _max_relative_difference(reference, layout_runs["one"]["losses"]) > 1e-3
+  for name in ("distill_fsdp_tp", "distill_pmap"):
+    assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
 
 
 def test_packed_batches_train_the_same_under_every_parallel_mode(layout_runs):

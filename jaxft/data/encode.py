@@ -180,6 +180,47 @@ def read_inputs(path: str, config, tokenizer, label_names: Sequence[str],
   return read_split(path, as_format, tokenizer, label_names, None, labelled=False)[0]
 
 
+def _unknown_labels(kind: str, data: Encoded, num_labels: int):
+  """Labels that mark every example of `data` as unlabelled: class or tag id -1, NaN targets."""
+  n = len(data)
+  if kind == "classification":
+    return np.full((n,), -1, np.int32)
+  if kind == "regression":
+    return np.full((n,), np.nan, np.float32)
+  if kind == "multilabel":
+    return np.full((n, num_labels), np.nan, np.float32)
+  return [np.full(len(ids), -1, np.int32) for ids in data.input_ids]
+
+
+def read_unlabelled_examples(path: str, config, tokenizer, label_names: Sequence[str],
+                             max_rows: Optional[int]) -> Encoded:
+  """Training examples without labels (distillation's transfer data, jaxft.distill): the
+  inputs of `path` with labels that say unknown (-1 ids, NaN targets), so that a loss can tell
+  them from labelled ones."""
+  data, _ = read_split(path, config, tokenizer, label_names, max_rows, labelled=False)
+  return dataclasses.replace(data, labels=_unknown_labels(config.task.kind, data,
+                                                          len(label_names)))
+
+
+def concatenate(first: Encoded, second: Encoded) -> Encoded:
+  """Training examples of both (labels of the same kind); word maps, which only evaluation and
+  prediction read, are dropped."""
+  def joined(a, b):
+    if a is None or b is None:
+      return None
+    if isinstance(a, np.ndarray):
+      return np.concatenate([a, b])
+    return list(a) + list(b)
+
+  texts = None
+  if first.texts is not None and second.texts is not None:
+    texts = [list(a) + list(b) for a, b in zip(first.texts, second.texts)]
+  return Encoded(joined(first.input_ids, second.input_ids),
+                 joined(first.token_type_ids, second.token_type_ids),
+                 joined(first.labels, second.labels),
+                 joined(first.label_weights, second.label_weights), None, texts)
+
+
 def read_split(path: str, config, tokenizer, label_names: Optional[Sequence[str]],
                max_rows: Optional[int], labelled: bool = True) -> tuple[Encoded, tuple[str, ...]]:
   """Reads, checks and tokenizes one split. Returns the examples and the label names used
