@@ -111,10 +111,113 @@ def private_file(path: str) -> bool:
     return False
 
 
+def cache_root() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "jaxft")
+
+
+# ---- transformers' import structure ----------------------------------------------------------
+# transformers (4.4x-4.5x) builds the lazy import table of its ~400 model folders at every
+# import by reading each of their files (transformers.utils.import_utils.define_import_structure):
+# one to two seconds of every command's start. The table is kept as JSON in jaxft's cache, keyed
+# by the files' names, sizes and modification times, so it is rebuilt only when they change.
+_IMPORT_UTILS = "transformers.utils.import_utils"
+
+
+def _files_signature(folder: str) -> str:
+  import hashlib
+  digest = hashlib.sha256()
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in sorted(files):
+      if name.endswith(".py"):
+        info = os.stat(os.path.join(root, name))
+        digest.update(f"{root}/{name}:{info.st_size}:{info.st_mtime_ns};".encode())
+  return digest.hexdigest()[:24]
+
+
+def _to_json(structure: dict) -> list:
+  return [[sorted(backends), {module: sorted(names) for module, names in modules.items()}]
+          for backends, modules in structure.items()]
+
+
+def _from_json(rows: list) -> dict:
+  return {frozenset(backends): {module: set(names) for module, names in modules.items()}
+          for backends, modules in rows}
+
+
+def _cached_import_structure(original: Callable) -> Callable:
+  import json
+
+  @functools.wraps(original)
+  def define_import_structure(module_path, prefix=None):
+    try:
+      folder = os.path.dirname(str(module_path)) if str(module_path).endswith(".py") else str(
+          module_path)
+      directory = private_directory(os.path.join(cache_root(), "transformers"),
+                                    "XDG_CACHE_HOME")
+      path = directory and os.path.join(directory, f"{_files_signature(folder)}-{prefix}.json")
+    except OSError:
+      return original(module_path, prefix)
+    if path and private_file(path):
+      try:
+        with open(path) as f:
+          return _from_json(json.load(f))
+      except (OSError, ValueError, TypeError):
+        pass  # damaged: built again below
+    structure = original(module_path, prefix)
+    if path:
+      try:
+        with open(f"{path}.{os.getpid()}", "w") as f:
+          json.dump(_to_json(structure), f)
+        os.replace(f"{path}.{os.getpid()}", path)
+      except (OSError, TypeError, ValueError):
+        pass  # an unwritable cache costs this start only
+    return structure
+
+  return define_import_structure
+
+
+class _ImportStructureCache:
+  """A meta-path finder that wraps define_import_structure as soon as its module has run, before
+  transformers' own __init__ calls it."""
+
+  def find_spec(self, name, path=None, target=None):
+    if name != _IMPORT_UTILS:
+      return None
+    for finder in sys.meta_path:
+      spec = None if finder is self else finder.find_spec(name, path, target)
+      if spec is not None:
+        break
+    else:
+      return None
+    loader = spec.loader
+    if loader is None or not hasattr(loader, "exec_module"):
+      return spec
+    exec_module = loader.exec_module
+
+    def exec_and_wrap(module):
+      exec_module(module)
+      original = getattr(module, "define_import_structure", None)
+      if callable(original):
+        module.define_import_structure = _cached_import_structure(original)
+
+    loader.exec_module = exec_and_wrap
+    return spec
+
+
+def cache_transformers_import_structure() -> None:
+  """Installs the import-structure cache, unless transformers is imported already (too late)
+  or JAXFT_TRANSFORMERS_CACHE=0."""
+  if (_IMPORT_UTILS in sys.modules or os.environ.get("JAXFT_TRANSFORMERS_CACHE") == "0"
+      or any(isinstance(f, _ImportStructureCache) for f in sys.meta_path)):
+    return
+  sys.meta_path.insert(0, _ImportStructureCache())
+
+
 # ---- JAX -----------------------------------------------------------------------------------
 def default_compilation_cache_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "jaxft", "xla")
+  return os.path.join(cache_root(), "xla")
 
 
 def configure_jax() -> None:
@@ -192,6 +295,7 @@ def run_main(body, required: tuple = (), example: str = "--workdir=DIR",
   # whenever it is installed, seconds of every command's start. USE_TORCH, when set, wins.
   if uses_torch is False:
     os.environ.setdefault("USE_TORCH", "0")
+  cache_transformers_import_structure()
   # --debug is filed under the calling entry point's module (absl's name for it), so that its
   # --help lists it with the entry point's own flags.
   caller = sys._getframe(1).f_globals["__name__"]

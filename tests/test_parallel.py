@@ -188,6 +188,7 @@ def test_launcher_fails_when_a_process_fails(tmp_path):
   assert result.returncode != 0
 
 
+@pytest.mark.slow  # 30-70 s: the default run stays under 15 minutes
 def test_preempting_one_host_saves_the_same_step_on_every_host(tmp_path, tiny_model_dir,
                                                                sentiment_files):
   """SIGTERM to process 1 only: JAX's preemption sync makes both processes save one step and

@@ -172,6 +172,7 @@ def test_off_without_a_jax_cache_directory(tiny_config, monkeypatch):
     jax.config.update("jax_compilation_cache_dir", original)
 
 
+@pytest.mark.slow  # 30-70 s: the default run stays under 15 minutes
 def test_programs_loaded_from_jax_cache_are_not_stored(tiny_config, tmp_path, cache_dir):
   """XLA:CPU serialises an executable that JAX loaded from its own cache without some kernels
   (a later process failed: "NOT_FOUND: Function wrapped_convert not found"). Runs in separate

@@ -100,6 +100,7 @@ def test_twenty_sigkills_at_random_moments_resume_bit_identical(tmp_path, remote
   assert "BIT-IDENTICAL" in result.stdout and "0 damaged checkpoints met" in result.stdout
 
 
+@pytest.mark.slow  # 30-70 s: the default run stays under 15 minutes
 def test_three_sigkills_resume_bit_identical(tmp_path):
   """The short version of the test above, on local disk (tests/test_remote_workdir.py kills a
   run on GCS)."""

@@ -201,6 +201,7 @@ def _evaluations_of(directory: str, number: int) -> int:
   return len(_validation(os.path.join(directory, "trials", str(number))))
 
 
+@pytest.mark.slow  # 30-70 s: the default run stays under 15 minutes
 def test_a_killed_sweep_resumes_without_repeating_trials_and_prunes(tmp_path, tiny_config_file):
   """SIGKILL mid-trial, then SIGTERM, then to the end: the finished trials are never run
   again, each interrupted trial goes on from its checkpoint as a new trial, and the median
