@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # 70 s: run it with -m slow before a lent GPU, and after changing it
 def test_the_device_check_runs_through_on_the_cpu(tmp_path):
   demo = os.path.join(REPO, "configs", "demo_data", "sst2")
   result = subprocess.run(

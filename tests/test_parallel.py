@@ -155,6 +155,7 @@ def _srun(ntasks: int, devices: int, config: str, workdir: str) -> str:
   return workdir
 
 
+@pytest.mark.slow  # 60 s: the default run stays under 15 minutes
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir, sentiment_files):
   """Two SLURM tasks of 4 CPU devices each (through a stand-in for srun) against one process
   of 8 devices (launch/local.sh): the same losses."""
