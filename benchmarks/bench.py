@@ -671,6 +671,20 @@ def onnx_latencies(predictors: dict, data: Encoded, batch: int) -> dict:
                  "batches": len(batches)} for name, t in times.items()}
 
 
+def _train_sst2(workdir: str, data: dict, config: str = "sst2_minilm.py", extra: tuple = ()
+                ) -> dict:
+  """`jaxft.train` of configs/<config> on the first data["examples"] training sentences: its
+  wall seconds and best dev accuracy."""
+  from jaxft.metrics import read_metrics
+  run = timed_process(
+      [sys.executable, "-m", "jaxft.train", f"--config={CONFIGS_DIR}/{config}",
+       f"--workdir={workdir}", f"--config.data.train_file={data['train_file']}",
+       f"--config.data.validation_file={data['validation_file']}",
+       f"--config.data.max_train_examples={data['examples']}", *extra], dict(os.environ))
+  return {"wall_s": run["wall_s"],
+          "accuracy": max(r["accuracy"] for r in read_metrics(workdir, "validation"))}
+
+
 def onnx_suite(data: dict, workdir: Optional[str]) -> dict:
   """Train (unless `workdir`), export float32 and int8, then accuracy, logit agreement, sizes
   and latencies of jaxft's predictor and of both ONNX models (module doc)."""
@@ -680,11 +694,7 @@ def onnx_suite(data: dict, workdir: Optional[str]) -> dict:
   out = {}
   if workdir is None:
     workdir = os.path.join(root, "run")
-    out["train_s"] = timed_process(
-        [sys.executable, "-m", "jaxft.train", f"--config={CONFIGS_DIR}/sst2_minilm.py",
-         f"--workdir={workdir}", f"--config.data.train_file={data['train_file']}",
-         f"--config.data.validation_file={data['validation_file']}",
-         f"--config.data.max_train_examples={data['examples']}"], dict(os.environ))["wall_s"]
+    out["train_s"] = _train_sst2(workdir, data)["wall_s"]
   folder = os.path.join(root, "onnx")
   exported = timed_process([sys.executable, "-m", "jaxft.export", f"--workdir={workdir}",
                             f"--output={folder}", "--format=onnx", "--quantize=int8"],
@@ -769,20 +779,6 @@ def _torch_installed() -> bool:
 
 
 # ---- distillation -----------------------------------------------------------------------------
-def _train_sst2(workdir: str, data: dict, config: str = "sst2_minilm.py", extra: tuple = ()
-                ) -> dict:
-  """`jaxft.train` of configs/<config> on the first data["examples"] training sentences: its
-  wall seconds and best dev accuracy."""
-  from jaxft.metrics import read_metrics
-  run = timed_process(
-      [sys.executable, "-m", "jaxft.train", f"--config={CONFIGS_DIR}/{config}",
-       f"--workdir={workdir}", f"--config.data.train_file={data['train_file']}",
-       f"--config.data.validation_file={data['validation_file']}",
-       f"--config.data.max_train_examples={data['examples']}", *extra], dict(os.environ))
-  return {"wall_s": run["wall_s"],
-          "accuracy": max(r["accuracy"] for r in read_metrics(workdir, "validation"))}
-
-
 def _write_transfer_file(data: dict, count: int, path: str) -> str:
   """The `count` training sentences after the labelled ones, without their labels."""
   from jaxft.data import files
@@ -899,32 +895,27 @@ def run() -> None:
     print(f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{os.cpu_count()} CPU cores; jaxft's C++ (built once per machine, before the runs): "
           f"{out['native']}\n", flush=True)
+    data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
+            "examples": examples_flag.value}
     if suite_flag.value == "peft":
       out["peft"] = {name: time_method(overrides, batch, length, steps)
                      for name, overrides in METHODS}
       print(f"train step, default model, batch {batch} x {length} tokens, median of {steps} "
             f"steps:\n\n{peft_table(out['peft'])}")
     elif suite_flag.value == "sweep":
-      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
-              "examples": examples_flag.value}
       out["sweep"] = sweep_against_loop(data, trials_flag.value, workers_flag.value)
       print(sweep_table(out["sweep"]))
     elif suite_flag.value == "onnx":
       if not dev_flag.value or not (train_flag.value or workdir_flag.value):
         fail("--suite=onnx needs --validation_file (SST-2's dev.tsv) and --train_file, or "
              "--workdir=DIR of a run of configs/sst2_minilm.py instead of --train_file")
-      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
-              "examples": examples_flag.value}
       out["onnx"] = onnx_suite(data, workdir_flag.value)
       print(onnx_table(out["onnx"]))
     elif suite_flag.value == "distill":
-      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
-              "examples": examples_flag.value}
       out["distill"] = distill_suite(data, seeds_flag.value, transfer_flag.value)
       print(distill_table(out["distill"]))
     elif suite_flag.value == "packing":
-      data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
-              "examples": examples_flag.value, "batch": 32, "learning_rate": 1e-4}
+      data.update(batch=32, learning_rate=1e-4)
       out["step"] = packed_step_throughput(data)
       print("train step, real tokens/s: " + ", ".join(
           f"{m} {v['tokens_per_s']:.0f} ({100 * v['padding_fraction']:.0f}% padding, "
@@ -938,8 +929,7 @@ def run() -> None:
       out["fixed_shape"] = fixed_shape(batch, length, steps, torch)
       print(fixed_shape_table(out["fixed_shape"]) + "\n", flush=True)
       if train_flag.value and dev_flag.value:
-        data = {"train_file": train_flag.value, "validation_file": dev_flag.value,
-                "examples": examples_flag.value, "batch": 32, "learning_rate": 1e-4}
+        data.update(batch=32, learning_rate=1e-4)
         out["end_to_end"] = end_to_end(data, torch, repeats_flag.value)
         print(end_to_end_table(out["end_to_end"], data))
       else:

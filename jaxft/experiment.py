@@ -190,11 +190,10 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   if read_train:
     train_data, label_names = read_split(config.data.train_file, config, tokenizer, label_names,
                                          config.data.max_train_examples)
-    transfer = config.train.distill
-    if transfer.transfer_file:  # unlabelled: they learn from the teacher only (jaxft.distill)
+    distill = config.train.distill
+    if distill.transfer_file:  # unlabelled: they learn from the teacher only (jaxft.distill)
       train_data = encode.concatenate(train_data, encode.read_unlabelled_examples(
-          transfer.transfer_file, config, tokenizer, label_names,
-          transfer.max_transfer_examples))
+          distill.transfer_file, config, tokenizer, label_names, distill.max_transfer_examples))
   needs_labels = config.task.kind not in ("regression", "mlm")
   if needs_labels and not label_names:
     fail("the label names are unknown: set data.label_names or give a training file")

@@ -40,8 +40,7 @@ class BuildError(Exception):
 
 
 def cache_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.environ.get("JAXFT_NATIVE_DIR") or os.path.join(base, "jaxft", "native")
+  return os.environ.get("JAXFT_NATIVE_DIR") or os.path.join(runtime.cache_root(), "native")
 
 
 def compiler() -> Optional[str]:
