@@ -385,17 +385,20 @@ def eval_step(exp, cache_prefix: Optional[str] = None) -> WidthPrograms:
 
 
 def train_step(exp, tx, learning_rate, abstract_state: dict, cache_prefix: Optional[str] = None,
-               teacher=None) -> "JitTrainStep | PmapTrainStep":
+               teacher=None, objective: Optional[tuple] = None) -> "JitTrainStep | PmapTrainStep":
   """The train step for `parallel.mode`, with how its state and batches are laid out.
   `cache_prefix` (experiment_key of "train"): keep its programs across runs (jit only).
-  `teacher` (jaxft.distill.Teacher): distil from it."""
+  `teacher` (jaxft.distill.Teacher): distil from it. `objective`: (outputs function, loss
+  function) in place of the task's (exp.logits, exp.task.loss), e.g. contrastive training's."""
+  objective = objective or (exp.logits, exp.task.loss)
   if exp.config.parallel.mode == "pmap":
-    return PmapTrainStep(exp, tx, learning_rate, abstract_state, teacher)
-  return JitTrainStep(exp, tx, learning_rate, abstract_state, cache_prefix, teacher)
+    return PmapTrainStep(exp, tx, learning_rate, abstract_state, teacher, objective)
+  return JitTrainStep(exp, tx, learning_rate, abstract_state, cache_prefix, teacher, objective)
 
 
-def _step_function(exp, tx, learning_rate, teacher, reduce_axis: Optional[str] = None):
-  return step_lib.make_train_step(exp.logits, exp.task.loss, tx, learning_rate,
+def _step_function(exp, tx, learning_rate, teacher, objective: tuple,
+                   reduce_axis: Optional[str] = None):
+  return step_lib.make_train_step(*objective, tx, learning_rate,
                                   exp.config.train.grad_accum_steps, reduce_axis=reduce_axis,
                                   dropout_rng=exp.config.train.dropout_rng,
                                   nonfinite_guard=step_lib.nonfinite_guard_for(exp.platform),
@@ -428,9 +431,9 @@ class JitTrainStep(_TrainStep):
   """`parallel.mode=jit`: one jitted step; state and batches carry their NamedShardings."""
 
   def __init__(self, exp, tx, learning_rate, abstract_state: dict,
-               cache_prefix: Optional[str] = None, teacher=None):
+               cache_prefix: Optional[str] = None, teacher=None, objective: tuple = ()):
     self.exp, self.teacher = exp, teacher
-    fn = _step_function(exp, tx, learning_rate, teacher)
+    fn = _step_function(exp, tx, learning_rate, teacher, objective)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     frozen_shardings = exp.frozen_shardings()
     if teacher is not None:
@@ -464,9 +467,11 @@ class JitTrainStep(_TrainStep):
 class PmapTrainStep(_TrainStep):
   """`parallel.mode=pmap`: the same step under jax.pmap, state replicated on local devices."""
 
-  def __init__(self, exp, tx, learning_rate, abstract_state: dict, teacher=None):
+  def __init__(self, exp, tx, learning_rate, abstract_state: dict, teacher=None,
+               objective: tuple = ()):
     self.exp, self.teacher = exp, teacher
-    fn = _step_function(exp, tx, learning_rate, teacher, reduce_axis=parallel.PMAP_AXIS)
+    fn = _step_function(exp, tx, learning_rate, teacher, objective,
+                        reduce_axis=parallel.PMAP_AXIS)
     self.state_shardings = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     self._programs = WidthPrograms(fn, transform=jax.pmap, axis_name=parallel.PMAP_AXIS,
                                    in_axes=(0, 0, 0), donate_argnums=(0,))

@@ -47,6 +47,7 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 ACCELERATORS = ("gpu", "tpu")  # JAX platform names whose defaults differ from the CPU's
 DROPOUT_RNGS = ("hash", "threefry")  # jaxft.hash_rng
+TRAIN_METHODS = ("supervised", "contrastive", "zero_shot")
 PEFT_METHODS = ("none", "lora", "bitfit", "freeze")
 PARALLEL_MODES = ("jit", "pmap")
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -149,6 +150,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.window_overlap = 32
   c.data.max_train_examples = config_dict.placeholder(int)  # the first N rows of the file
   c.data.max_eval_examples = config_dict.placeholder(int)
+  # Few-shot (classification): train on this many examples of each label, drawn from the
+  # training file as a pure function of few_shot_seed (None: seed); run.json lists them.
+  c.data.examples_per_class = config_dict.placeholder(int)
+  c.data.few_shot_seed = config_dict.placeholder(int)
+  # A description of each label, keyed by label name or index, e.g. {"0": "a negative
+  # review", "1": "a positive review"} (on the command line as that literal): the head of a
+  # fresh run (model.pooling=mean) starts as the descriptions' embeddings, so that it picks the
+  # most similar description (jaxft/fewshot.py); train.method=zero_shot trains no further.
+  c.data.label_descriptions = config_dict.placeholder(object)
   # Padded lengths a batch may take; () = `num_buckets` lengths fitted to the training data
   # (plus max_seq_length). Few shapes means few compilations; batches are formed from examples
   # of similar length.
@@ -200,6 +210,17 @@ def base_config() -> ml_collections.ConfigDict:
   # A step whose loss or gradient is not finite changes nothing; then "stop" ends training with
   # an error naming the step (checkpoints keep the last good state), "skip" goes on.
   c.train.nonfinite = "stop"
+  # "supervised": the task's loss on the labels. "contrastive" (classification, model.pooling
+  # =mean): SetFit's method (jaxft/fewshot.py): the encoder learns from sentence pairs of the
+  # training examples (cosine similarity 1 for the same label, else 0), and a logistic
+  # regression on its embeddings becomes the head at each evaluation and checkpoint.
+  # "zero_shot": the head from data.label_descriptions, evaluated and saved at step 0.
+  c.train.method = "supervised"
+  c.train.contrastive = ml_collections.ConfigDict()
+  # Pairs per epoch: num_iterations x examples positive and as many negative pairs; None: every
+  # pair of examples, the rarer kind repeated to match the other (setfit's default).
+  c.train.contrastive.num_iterations = config_dict.placeholder(int)
+  c.train.contrastive.head_inverse_l2 = 1.0  # the logistic regression's C (scikit-learn's)
   # Knowledge distillation (jaxft/distill.py): the loss becomes (1 - alpha) x the task loss +
   # alpha x the teacher term: KL divergence to the teacher's temperature-softened
   # probabilities (times temperature^2), MSE to its value for regression. The teacher runs
@@ -304,7 +325,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"task.kind={kind} predicts per token: use model.pooling=default")
   _check(bool(c.model.name_or_path), "config model.name_or_path is empty; "
          "use 'minilm' or a local Hugging Face model folder")
-  _check(c.data.train_file is not None,
+  _check(c.data.train_file is not None or c.train.method == "zero_shot",
          "config data.train_file is not set; pass --config.data.train_file=PATH")
   if c.data.format is not None:
     _one_of("data.format", c.data.format, DATA_FORMATS)
@@ -359,6 +380,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _one_of("train.nonfinite", t.nonfinite, ("stop", "skip"))
   _one_of("train.dropout_rng", t.dropout_rng, DROPOUT_RNGS)
   _validate_distill(t.distill, kind)
+  _validate_few_shot(c)
   keep = tuple(c.model.keep_layers)
   _check(all(isinstance(i, int) and i >= 0 for i in keep) and len(set(keep)) == len(keep),
          f"config model.keep_layers={keep} must list distinct layer indices >= 0, e.g. (0, 2, 4)")
@@ -403,6 +425,39 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _check(axis is None or axis in MESH_AXES,
              f"config parallel.param_rules pattern {rule[0]!r} names axis {axis!r}; use one of "
              f"{list(MESH_AXES)} or None")
+
+
+def _validate_few_shot(c: ml_collections.ConfigDict) -> None:
+  method, d = c.train.method, c.data
+  _one_of("train.method", method, TRAIN_METHODS)
+  if d.examples_per_class is not None:
+    _positive("data.examples_per_class", d.examples_per_class)
+    _check(c.task.kind == "classification", f"config data.examples_per_class samples labels "
+           f"of classification; task.kind={c.task.kind}: use data.max_train_examples")
+  descriptions = d.label_descriptions
+  _check(descriptions is None or (hasattr(descriptions, "items") and all(
+      isinstance(v, str) and v.strip() for _, v in descriptions.items())),
+         f"config data.label_descriptions={descriptions!r} must map each label (name or "
+         "index) to a non-empty text, e.g. {'0': 'a negative review', '1': 'a positive review'}")
+  embeds = method != "supervised" or descriptions is not None
+  if embeds:
+    what = (f"train.method={method}" if method != "supervised"
+            else "config data.label_descriptions")
+    _check(c.task.kind == "classification",
+           f"{what} classifies by sentence embeddings; task.kind={c.task.kind} has none: use "
+           "task.kind=classification")
+    _check(c.model.pooling == "mean", f"{what} needs sentence embeddings: set "
+           "model.pooling=mean")
+    _check(c.peft.train_head, f"{what} sets the head, which peft.train_head=False freezes: "
+           "set peft.train_head=True")
+  _check(method != "zero_shot" or descriptions is not None, "config train.method=zero_shot "
+         "classifies by label descriptions: set data.label_descriptions")
+  _check(method == "supervised" or not c.train.distill.teacher,
+         f"config train.method={method} cannot distil; unset train.distill.teacher")
+  n = c.train.contrastive.num_iterations
+  _check(n is None or n > 0, f"config train.contrastive.num_iterations={n} must be a positive "
+         "count (or None: setfit's balanced pairs)")
+  _positive("train.contrastive.head_inverse_l2", c.train.contrastive.head_inverse_l2)
 
 
 DISTILL_KINDS = ("classification", "regression", "multilabel", "token_classification")

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from jaxft import config as config_lib
-from jaxft import attention, compiled, models, optim, parallel, peft, rules, step as step_lib, tasks
+from jaxft import (attention, compiled, fewshot, models, optim, parallel, peft, rules,
+                   step as step_lib, tasks)
 from jaxft.data import batching, encode, mlm, order, packing
 from jaxft.data.encode import Encoded, read_split
 from jaxft.errors import fail
@@ -38,6 +39,9 @@ class Experiment:
   logits: Callable  # (params, batch, rng, train) -> logits over the combined tree
   platform: str  # the JAX platform whose defaults it took ("cpu", "gpu", "tpu")
   train_data: Optional[Encoded] = None
+  # (params, batch, rng, train) -> [batch, width] sentence embeddings (model.pooling=mean)
+  embeddings: Optional[Callable] = None
+  few_shot_indices: Optional[np.ndarray] = None  # data.examples_per_class: rows of the file
   _frozen_on_devices: Optional[dict] = None
 
   @property
@@ -66,6 +70,9 @@ class Experiment:
     data, _ = read_split(path, self.config, self.tokenizer, self.label_names, max_rows,
                          labelled)
     return data
+
+  def encode_texts(self, texts: Sequence[str]) -> Encoded:
+    return encode.encode_texts(self.tokenizer, texts, self.config.data.max_seq_length)
 
   def host_batch(self, data: Encoded, indices: np.ndarray, batch_size: int,
                  epoch: int = mlm.EVAL_EPOCH) -> dict:
@@ -186,10 +193,17 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
                                     words_given=config.task.kind == "token_classification")
   if config.data.label_names is not None:
     label_names = tuple(str(n) for n in config.data.label_names)
-  train_data = None
+  train_data, few_shot = None, []
   if read_train:
+    subset = None
+    if config.data.examples_per_class:
+      def subset(labels, names):
+        few_shot.extend(fewshot.sample_per_class(
+            labels, config.data.examples_per_class,
+            _first_set(config.data.few_shot_seed, config.seed), names, config.data.train_file))
+        return few_shot
     train_data, label_names = read_split(config.data.train_file, config, tokenizer, label_names,
-                                         config.data.max_train_examples)
+                                         config.data.max_train_examples, subset=subset)
     distill = config.train.distill
     if distill.transfer_file:  # unlabelled: they learn from the teacher only (jaxft.distill)
       train_data = encode.concatenate(train_data, encode.read_unlabelled_examples(
@@ -219,12 +233,13 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   _check_model_fits(config, tokenizer, model)
   trainable, frozen = peft.split_params(model.params, peft.trainable_rules(config.peft),
                                         config.peft.method)
-  logits = model.logits
+  logits, embeddings = model.logits, model.embeddings
   if config.peft.method == "lora":
     lora = peft.init_lora(frozen, config.peft.lora, config.peft.head_pattern, config.seed)
     trainable = {**trainable, peft.LORA_KEY: lora}
-    logits = peft.with_lora(model.logits, peft.lora_scale(config.peft.lora),
-                            config.peft.lora.dropout)
+    scale, rate = peft.lora_scale(config.peft.lora), config.peft.lora.dropout
+    logits = peft.with_lora(model.logits, scale, rate)
+    embeddings = peft.with_lora(model.embeddings, scale, rate)
   parallel.check_batch_size("train.batch_size", config.train.batch_size //
                             config.train.grad_accum_steps, mesh)
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)
@@ -233,8 +248,16 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
                                        "data.bucket_lengths": buckets,
                                        "data.packing_groups": config.data.packing_groups or
                                        packing_groups(config, mesh)})
+  if config.data.label_descriptions is not None:
+    fewshot.descriptions_by_label(config.data.label_descriptions, task.label_names)  # checked
   return Experiment(config, model_dir, tokenizer, task, model, mesh, buckets, trainable, frozen,
-                    logits, platform, train_data)
+                    logits, platform, train_data,
+                    embeddings if config.model.pooling == "mean" else None,
+                    np.asarray(few_shot) if few_shot else None)
+
+
+def _first_set(*values):
+  return next(v for v in values if v is not None)
 
 
 def packing_groups(config, mesh) -> int:

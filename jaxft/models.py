@@ -15,7 +15,7 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +185,12 @@ class Model:
     """float32 logits, [batch, outputs] or [batch, length, outputs] (token tasks); pure in
     (params, batch, dropout_rng). A packed batch (jaxft.data.packing) gives sequence tasks'
     logits per example slot [slots, outputs], token tasks' per token of its rows."""
+    return self._intercepted(self._logits, params, batch, dropout_rng, train)
+
+  def _intercepted(self, fn: Callable, params: dict, batch: dict,
+                   dropout_rng: Optional[jax.Array], train: bool) -> jax.Array:
+    """fn(params, batch, dropout_rng, train) with jaxft's attention (and, for packed batches
+    and heads reading one token, the first token of each example) intercepted in."""
     packed = packing.is_packed(batch)
     interceptors = []
     if self.attention != "hf" or packed:
@@ -196,7 +202,7 @@ class Model:
     with contextlib.ExitStack() as stack:
       for interceptor in interceptors:
         stack.enter_context(nn.intercept_methods(interceptor))
-      return self._logits(params, batch, dropout_rng, train)
+      return fn(params, batch, dropout_rng, train)
 
   def _logits(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
               train: bool) -> jax.Array:
@@ -207,19 +213,28 @@ class Model:
     # Mean pooling: average the last hidden states over real tokens, then dropout and a dense.
     if train:
       dropout_rng, head_rng = jax.random.split(dropout_rng)
-    hidden = self.hf_model(**self._inputs(batch), params=params[self.base_prefix],
-                           dropout_rng=dropout_rng, train=train).last_hidden_state
-    if packing.is_packed(batch):
-      pooled = _segment_means(hidden.astype(jnp.float32), batch)
-    else:
-      mask = batch["attention_mask"][..., None].astype(jnp.float32)
-      pooled = (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+    pooled = self._mean_pooled(params, batch, dropout_rng, train)
     rate = float(getattr(self.hf_config, "hidden_dropout_prob", 0.1) or 0.0)
     if train and rate > 0:
       keep = jax.random.bernoulli(head_rng, 1.0 - rate, pooled.shape)
       pooled = jnp.where(keep, pooled / (1.0 - rate), 0.0)
     head = params["classifier"]
     return pooled @ head["kernel"] + head["bias"]
+
+  def embeddings(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
+                 train: bool) -> jax.Array:
+    """[batch, width] float32 sentence embeddings (model.pooling=mean): the mean of the last
+    hidden states over each example's real tokens, before the head (jaxft.fewshot)."""
+    return self._intercepted(self._mean_pooled, params, batch, dropout_rng, train)
+
+  def _mean_pooled(self, params: dict, batch: dict, dropout_rng: Optional[jax.Array],
+                   train: bool) -> jax.Array:
+    hidden = self.hf_model(**self._inputs(batch), params=params[self.base_prefix],
+                           dropout_rng=dropout_rng, train=train).last_hidden_state
+    if packing.is_packed(batch):
+      return _segment_means(hidden.astype(jnp.float32), batch)
+    mask = batch["attention_mask"][..., None].astype(jnp.float32)
+    return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
 
 def _first_tokens_of_examples(next_fun, args, kwargs, context, rows, starts):

@@ -28,8 +28,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from jaxft import (__version__, compiled, config as config_lib, distill, experiment, inference,
-                   models, optim, parallel, runtime, storage)
+from jaxft import (__version__, compiled, config as config_lib, distill, experiment, fewshot,
+                   inference, models, optim, parallel, runtime, storage)
 from jaxft.checkpoint import Checkpoints, checkpoint_dir
 from jaxft.data import batching
 from jaxft.errors import fail
@@ -107,10 +107,12 @@ def _write_run_files(workdir: str, config, exp, fingerprint: str, num_steps: int
           "best_mode": config.checkpoint.best_mode,
           "params": exp.param_counts(), "peft_method": config.peft.method,
           "num_train_steps": num_steps,
-          "train_examples": len(exp.train_data), "devices": jax.device_count(),
+          "train_examples": len(exp.train_data or ()), "devices": jax.device_count(),
           "processes": jax.process_count(), "mesh": dict(exp.mesh.shape),
           "bucket_lengths": list(exp.buckets), "attention": exp.model.attention,
-          "packing": exp.packing}
+          "packing": exp.packing, "train_method": config.train.method}
+  if exp.few_shot_indices is not None:  # data.examples_per_class: which rows of the file
+    info["few_shot_examples"] = [int(i) for i in exp.few_shot_indices]
   storage.write_text(storage.join(workdir, "run.json"), json.dumps(info, indent=2))
 
 
@@ -150,7 +152,10 @@ def _timed(items: Iterator, waited: list) -> Iterator:
 
 
 def _host_train_batch(exp, data, steps, step: int) -> dict:
-  """This process's share of training step `step`'s batch (jaxft.data.order)."""
+  """This process's share of training step `step`'s batch (jaxft.data.order, or the
+  contrastive run's jaxft.fewshot.PairSteps)."""
+  if isinstance(steps, fewshot.PairSteps):
+    return steps.host_batch(exp, data, step)
   chosen, shape = steps.step(step)
   epoch, _ = steps.locate(step)
   if shape is None:
@@ -168,6 +173,8 @@ def _train_batches(exp, train_step, data, steps, start_step: int, num_steps: int
 
 def _first_batches_of_each_shape(exp, data, steps) -> list[dict]:
   """One host batch of every shape training can take: what to compile before step 1."""
+  if isinstance(steps, fewshot.PairSteps):
+    return steps.first_batches(exp, data)
   if exp.packing == "off":
     return [exp.host_batch(data, [int(i)], exp.config.train.batch_size)
             for i in batching.first_of_each_width(data.lengths, exp.buckets)]
@@ -306,16 +313,25 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
 
   # ---- data and model ----------------------------------------------------------------------
   config = _with_recorded_platform_choices(config, _saved_config(workdir))
-  exp = experiment.build(config, devices=devices, platform=platform)
+  exp = experiment.build(config, devices=devices, platform=platform,
+                         read_train=config.data.train_file is not None)
   config = exp.config  # resolved: what config.json records and the rest of the run uses
   t, k = config.train, config.checkpoint
   train_data = exp.train_data
   val_data = exp.load_split("validation") if config.data.validation_file else None
 
   # ---- steps, schedule, optimizer ------------------------------------------------------------
-  steps = exp.train_order(train_data)
+  contrastive = t.method == "contrastive"
+  if contrastive:  # SetFit's method (jaxft.fewshot): pairs of the training examples
+    steps = fewshot.PairSteps(train_data, t, config.seed, exp.packing != "off",
+                              config.data.packing_groups)
+  elif t.method == "zero_shot":  # the description head as it is: no step
+    steps = fewshot.NO_STEPS
+  else:
+    steps = exp.train_order(train_data)
   spe = steps.steps_per_epoch
-  num_steps = t.num_train_steps or steps.num_steps(t.num_epochs)
+  num_steps = 0 if steps is fewshot.NO_STEPS else (t.num_train_steps or
+                                                   steps.num_steps(t.num_epochs))
   evaluates_after = evaluation_steps(t, num_steps, spe)
   # Saves every save_every steps, else where training evaluates (also without validation data).
   saves_after = (lambda step: step % k.save_every == 0) if k.save_every else evaluates_after
@@ -341,6 +357,8 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
     state = optim.set_run_values(state, optim.run_values(t, num_steps))
   else:
     state = exp.init_state(tx)
+    if config.data.label_descriptions is not None:
+      state = {**state, "params": fewshot.with_description_head(exp, state["params"])}
   start = int(jax.device_get(state["step"]))
   _write_run_files(workdir, config, exp, fingerprint, num_steps)
   writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
@@ -358,10 +376,18 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
       evals_since_best += 1
 
   teacher = distill.load_teacher(exp) if t.distill.teacher else None
+  objective = (exp.embeddings, fewshot.cosine_similarity_loss) if contrastive else None
   train_step = compiled.train_step(
-      exp, tx, learning_rate, abstract, exp.program_cache_key("train"), teacher)
+      exp, tx, learning_rate, abstract, exp.program_cache_key("train"), teacher, objective)
   state = train_step.place(state)
   predictor = inference.Predictor(exp)
+  # The contrastive run's head is fitted to its encoder where it is evaluated and saved (both
+  # read the loop's current state).
+  head = fewshot.HeadFitter(exp, train_data) if contrastive else None
+  eval_params = lambda step: (head.params(train_step.params(state), step) if head
+                              else train_step.params(state))
+  savable = lambda step: (head.state(train_step.savable(state), step) if head
+                          else train_step.savable(state))
   frozen = exp.frozen()
   if start < num_steps:
     train_step.precompile(
@@ -416,7 +442,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
         progress.update()
 
       if preempted:  # save this step (its metrics are logged above) and leave
-        ckpts.save(done, train_step.savable(state), meta_for(done, None))
+        ckpts.save(done, savable(done), meta_for(done, None))
         ckpts.close()  # waits for every pending save
         name = signal.Signals(preemption.signal).name if preemption.signal else "preemption"
         progress.write(f"{name}: saved a checkpoint at step {done} in "
@@ -427,7 +453,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
       evaluated = None
       if eval_now:
         eval_start = time.perf_counter()
-        evaluated = predictor.evaluate(train_step.params(state), val_data)
+        evaluated = predictor.evaluate(eval_params(done), val_data)
         evaluated["eval_seconds"] = time.perf_counter() - eval_start
         eval_metrics = evaluated
         writer.write(done, "validation", evaluated)
@@ -444,7 +470,7 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
       told_to_stop = bool(evaluated is not None and on_evaluation is not None
                           and on_evaluation(done, num_steps, evaluated))
       if save_now:  # a stop, early or told, follows an evaluation, which always saves
-        ckpts.save(done, train_step.savable(state), meta_for(done, evaluated),
+        ckpts.save(done, savable(done), meta_for(done, evaluated),
                    metrics=None if evaluated is None else scalars(evaluated))
       if stop:
         progress.write(f"early stopping at step {done}: {k.best_metric} has not improved for "
@@ -454,6 +480,16 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
       if stop or told_to_stop:
         stopped_early = True
         break
+    if num_steps == 0 and latest is None:  # train.method=zero_shot: the description head
+      evaluated = None if val_data is None else predictor.evaluate(eval_params(0), val_data)
+      if evaluated is not None:
+        eval_metrics = evaluated
+        writer.write(0, "validation", evaluated)
+        best = evaluated[k.best_metric]
+        progress.write("zero-shot validation " + ", ".join(
+            f"{name}={value:.4f}" for name, value in scalars(evaluated).items()))
+      ckpts.save(0, savable(0), meta_for(0, evaluated),
+                 metrics=None if evaluated is None else scalars(evaluated))
   finally:
     preemption.restore()
     progress.close()  # ends the bar's line, so an error below starts on a line of its own

@@ -142,6 +142,19 @@ CASES = [
      ["transfer_file is set without train.distill.teacher"]),
     ("student layer the model lacks", ["--config.model.keep_layers=(0,5)"],
      ["keep_layers=(0, 5) names layer 5", "layers 0..1"]),
+    ("more examples per class than a label has", ["--config.data.examples_per_class=500"],
+     ["data.examples_per_class=500", "example(s) in", "lower data.examples_per_class"]),
+    ("label without a description",
+     ["--config.data.label_descriptions={{'0': 'a negative text'}}"],
+     ["no description for label '1'"]),
+    ("description of a label the task lacks",
+     ["--config.data.label_descriptions={{'0': 'bad', '1': 'good', '7': 'other'}}"],
+     ["names ['7']", "not labels of this task"]),
+    ("contrastive training without sentence embeddings",
+     ["--config.train.method=contrastive", "--config.model.pooling=default"],
+     ["train.method=contrastive needs sentence embeddings", "model.pooling=mean"]),
+    ("zero-shot without label descriptions", ["--config.train.method=zero_shot"],
+     ["set data.label_descriptions"]),
 ]
 
 

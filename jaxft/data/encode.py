@@ -7,7 +7,7 @@ columns, word/tag sequences, plain text), checks every row, and tokenizes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -59,6 +59,12 @@ def _tokenize(tokenizer, texts: list[list[str]], max_seq_length: int) -> tuple[l
           [np.asarray(x, np.int32) for x in out["token_type_ids"]])
 
 
+def encode_texts(tokenizer, texts: Sequence[str], max_seq_length: int) -> Encoded:
+  """Single texts as unlabelled examples (label descriptions, jaxft.fewshot)."""
+  input_ids, token_type_ids = _tokenize(tokenizer, [list(texts)], max_seq_length)
+  return Encoded(input_ids, token_type_ids, texts=[list(texts)])
+
+
 def _sequence_labels(kind: str, raw: list, label_names, config, path: str):
   """(label array, label names) for the sequence-level tasks."""
   if kind == "regression":
@@ -71,7 +77,7 @@ def _sequence_labels(kind: str, raw: list, label_names, config, path: str):
   return labels.encode_labels(raw, names, path), names
 
 
-def _read_sequences(path, config, tokenizer, label_names, max_rows, labelled):
+def _read_sequences(path, config, tokenizer, label_names, max_rows, labelled, subset=None):
   d = config.data
   columns = files.read_columns(path, d.format, has_header=d.has_header,
                                column_names=d.column_names, max_rows=max_rows)
@@ -80,6 +86,9 @@ def _read_sequences(path, config, tokenizer, label_names, max_rows, labelled):
   if labelled:
     raw = _column(columns, d.label_field, path, "label_field")
     label_array, label_names = _sequence_labels(config.task.kind, raw, label_names, config, path)
+    if subset is not None:  # chosen by label before tokenizing (few-shot: a few of many rows)
+      rows = subset(label_array, tuple(label_names))
+      texts, label_array = [[column[i] for i in rows] for column in texts], label_array[rows]
   input_ids, token_type_ids = _tokenize(tokenizer, texts, d.max_seq_length)
   return Encoded(input_ids, token_type_ids, label_array, texts=texts), tuple(label_names or ())
 
@@ -222,12 +231,14 @@ def concatenate(first: Encoded, second: Encoded) -> Encoded:
 
 
 def read_split(path: str, config, tokenizer, label_names: Optional[Sequence[str]],
-               max_rows: Optional[int], labelled: bool = True) -> tuple[Encoded, tuple[str, ...]]:
+               max_rows: Optional[int], labelled: bool = True,
+               subset: Optional[Callable] = None) -> tuple[Encoded, tuple[str, ...]]:
   """Reads, checks and tokenizes one split. Returns the examples and the label names used
-  (inferred from this file when `label_names` is None). `labelled=False` reads inputs only."""
+  (inferred from this file when `label_names` is None). `labelled=False` reads inputs only.
+  `subset(labels, label_names)` (sequence tasks) picks the rows to keep."""
   kind = config.task.kind
   if kind == "token_classification":
     return _read_tagged(path, config, tokenizer, label_names, max_rows, labelled)
   if kind == "mlm":
     return _read_text(path, config, tokenizer, max_rows)
-  return _read_sequences(path, config, tokenizer, label_names, max_rows, labelled)
+  return _read_sequences(path, config, tokenizer, label_names, max_rows, labelled, subset)
