@@ -180,14 +180,13 @@ def test_descriptions_are_keyed_by_label_name_or_index():
 
 
 # ---- runs ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def contrastive_run(tmp_path_factory, tiny_model_dir, sentiment_files):
-  """A contrastive run of the tiny model on 16 examples per label: (workdir, final metrics)."""
+def _contrastive_config(model_dir, files):
+  """The tiny model on 16 examples per label, 4 epochs of 8 contrastive steps."""
   from jaxft.config import base_config
   c = base_config()
-  c.model.name_or_path = tiny_model_dir
+  c.model.name_or_path = model_dir
   c.model.pooling = "mean"
-  c.data.train_file, c.data.validation_file = sentiment_files
+  c.data.train_file, c.data.validation_file = files
   c.data.max_seq_length = 64
   c.data.examples_per_class = 16
   c.train.method = "contrastive"
@@ -197,8 +196,15 @@ def contrastive_run(tmp_path_factory, tiny_model_dir, sentiment_files):
   c.train.num_epochs, c.train.log_every = 4.0, 8
   c.checkpoint.async_save = False
   c.lock()
+  return c
+
+
+@pytest.fixture(scope="module")
+def contrastive_run(tmp_path_factory, tiny_model_dir, sentiment_files):
+  """(workdir, final metrics) of the tiny contrastive run."""
   workdir = str(tmp_path_factory.mktemp("contrastive") / "run")
-  return workdir, train.train_and_evaluate(c, workdir)
+  return workdir, train.train_and_evaluate(
+      _contrastive_config(tiny_model_dir, sentiment_files), workdir)
 
 
 def test_contrastive_training_lowers_the_pair_loss_and_fits_a_useful_head(contrastive_run):
@@ -246,3 +252,20 @@ def test_zero_shot_scores_the_most_similar_description(tmp_path, tiny_config, se
   expected = np.mean((unit(x) @ unit(d).T).argmax(1) == np.asarray(data.labels))
   assert abs(final["accuracy"] - expected) < 1e-9 and final["accuracy"] > 0.5
   assert [r["step"] for r in read_metrics(workdir, "validation")] == [0]
+
+
+def test_a_stopped_contrastive_run_resumes_to_the_same_encoder_and_head(
+    contrastive_run, tiny_model_dir, sentiment_files, tmp_path):
+  from flax import traverse_util
+  config = _contrastive_config(tiny_model_dir, sentiment_files)
+  workdir = str(tmp_path / "stopped")
+  train.train_and_evaluate(config, workdir, on_evaluation=lambda step, n, m: step == 16)
+  assert inference.restore(workdir, "latest")[1] == 16
+  final = train.train_and_evaluate(config, workdir)
+  without_time = lambda m: {k: v for k, v in m.items() if k != "eval_seconds"}
+  assert without_time(final) == without_time(contrastive_run[1])
+  resumed = traverse_util.flatten_dict(inference.restore(workdir, "latest")[2])
+  whole = traverse_util.flatten_dict(inference.restore(contrastive_run[0], "latest")[2])
+  assert resumed.keys() == whole.keys()
+  for key in whole:
+    assert np.array_equal(np.asarray(resumed[key]), np.asarray(whole[key])), key
