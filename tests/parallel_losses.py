@@ -5,8 +5,9 @@ Run as a script: it must set the CPU device count before JAX starts.
       --layout=one:jit:1 --layout=dp8:jit:8:data=8 --layout=pmap8:pmap:8:data=8 ...
 A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]; a NAME starting with "lora" trains LoRA, one
 starting with "packed" packs its batches (by tokens, in 8 groups whatever the mesh), one
-starting with "distill" trains a 1-layer student of the run of layout "one" (given first). With --eval_layouts, each run's checkpoint is
-also evaluated on every layout given there (restore on another mesh).
+starting with "distill" trains a 1-layer student of the run of layout "one" (given first), one
+starting with "contrastive" SetFit's method on 16 examples per label. With --eval_layouts,
+each run's checkpoint is also evaluated on every layout given there (restore on another mesh).
 """
 
 import argparse
@@ -103,10 +104,13 @@ def main():
     workdir = os.path.join(args.workdir, name)
     devices = jax.devices()[:ndev]
     method = "lora" if name.startswith("lora") else "none"  # e.g. --layout=lora_fsdp:jit:8:...
-    config = tiny_config(args, mode, mesh, args.steps, method, name.startswith("packed"))
+    config = tiny_config(args, mode, mesh, args.steps, method,
+                         name.startswith(("packed", "contrastive")))
     if name.startswith("distill"):  # logits and hidden states of the teacher, on this mesh
       config = replace(config, {"train.distill.teacher": os.path.join(args.workdir, "one"),
                                 "train.distill.hidden_weight": 0.5, "model.keep_layers": (1,)})
+    if name.startswith("contrastive"):  # sentence pairs packed in 8 groups (jaxft.fewshot)
+      config = replace(config, {"train.method": "contrastive", "data.examples_per_class": 16})
     final = train.train_and_evaluate(config, workdir, devices)
     records = read_metrics(workdir, "train")
     entry = {"losses": [r["loss"] for r in records], "accuracy": final["accuracy"],

@@ -20,7 +20,8 @@ LAYOUTS = ["one:jit:1", "dp8:jit:8:data=8", "dp2fsdp4:jit:8:data=2,fsdp=4",
            "lora_one:jit:1", "lora_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2", "lora_pmap:pmap:8:data=8",
            "packed_one:jit:1", "packed_dp2fsdp4:jit:8:data=2,fsdp=4", "packed_pmap8:pmap:8:data=8",
            "distill_one:jit:1", "distill_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2",
-           "distill_pmap:pmap:8:data=8"]
+           "distill_pmap:pmap:8:data=8", "contrastive_one:jit:1",
+           "contrastive_dp2fsdp4:jit:8:data=2,fsdp=4", "contrastive_pmap8:pmap:8:data=8"]
 
 
 def _max_relative_difference(a, b):
@@ -87,6 +88,17 @@ def test_packed_batches_train_the_same_under_every_parallel_mode(layout_runs):
     assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
     assert layout_runs[name]["batch_shapes"] == 1
     assert abs(layout_runs[name]["accuracy"] - layout_runs["packed_one"]["accuracy"]) <= 1e-3
+
+
+def test_contrastive_pairs_train_the_same_under_every_parallel_mode(layout_runs):
+  """Packed sentence pairs split whole over devices and pmap's shards: one device's pair
+  losses, and the same fitted head's accuracy."""
+  reference = layout_runs["contrastive_one"]["losses"]
+  assert _max_relative_difference(reference, layout_runs["packed_one"]["losses"]) > 1e-2
+  for name in ("contrastive_dp2fsdp4", "contrastive_pmap8"):
+    assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
+    assert layout_runs[name]["batch_shapes"] == 1
+    assert abs(layout_runs[name]["accuracy"] - layout_runs["contrastive_one"]["accuracy"]) <= 2e-3
 
 
 def test_lora_trains_the_same_under_every_parallel_mode(layout_runs):
