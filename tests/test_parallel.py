@@ -18,10 +18,13 @@ from tests.conftest import REPO, write_config_file
 LAYOUTS = ["one:jit:1", "dp8:jit:8:data=8", "dp2fsdp4:jit:8:data=2,fsdp=4",
            "dp4tp2:jit:8:data=4,tensor=2", "pmap8:pmap:8:data=8",
            "lora_one:jit:1", "lora_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2", "lora_pmap:pmap:8:data=8",
-           "packed_one:jit:1", "packed_dp2fsdp4:jit:8:data=2,fsdp=4", "packed_pmap8:pmap:8:data=8",
-           "distill_one:jit:1", "distill_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2",
-           "distill_pmap:pmap:8:data=8", "contrastive_one:jit:1",
-           "contrastive_dp2fsdp4:jit:8:data=2,fsdp=4", "contrastive_pmap8:pmap:8:data=8"]
+           "packed_one:jit:1", "packed_dp2fsdp4:jit:8:data=2,fsdp=4", "packed_pmap8:pmap:8:data=8"]
+# Methods with their own step (a teacher in it, sentence pairs): `-m slow`, so that the default
+# run stays under 15 minutes. Distillation's teacher is the run of layout "one".
+METHOD_LAYOUTS = ["one:jit:1", "packed_one:jit:1",
+                  "distill_one:jit:1", "distill_fsdp_tp:jit:8:data=2,fsdp=2,tensor=2",
+                  "distill_pmap:pmap:8:data=8", "contrastive_one:jit:1",
+                  "contrastive_dp2fsdp4:jit:8:data=2,fsdp=4", "contrastive_pmap8:pmap:8:data=8"]
 
 
 def _max_relative_difference(a, b):
@@ -30,23 +33,33 @@ def _max_relative_difference(a, b):
   return float(np.max(np.abs(a - b) / np.abs(a)))
 
 
-@pytest.fixture(scope="module")
-def layout_runs(tmp_path_factory, minilm_dir, sentiment_files):
+def _layout_results(out, minilm_dir, sentiment_files, layouts, *extra) -> dict:
   """Every layout trains the tiny model with dropout on (0.1, hidden and attention): masks are
   a function of the global example and position, so each layout must give one device's
   losses, pmap included."""
   from conftest import make_tiny_model
-  out = tmp_path_factory.mktemp("layouts")
   dropping = make_tiny_model(out / "tiny_dropout", minilm_dir, dropout=0.1)
   cmd = [sys.executable, os.path.join(REPO, "tests", "parallel_losses.py"),
          f"--model={dropping}", f"--train={sentiment_files[0]}",
          f"--dev={sentiment_files[1]}", f"--out={out}/results.json", f"--workdir={out}",
-         "--steps=36", "--memory", *[f"--layout={l}" for l in LAYOUTS],
-         "--eval_layouts=e1:jit:1", "--eval_layouts=e8:jit:8:data=8"]
+         "--steps=36", *[f"--layout={l}" for l in layouts], *extra]
   result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(out / "results.json") as f:
     return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory, minilm_dir, sentiment_files):
+  return _layout_results(tmp_path_factory.mktemp("layouts"), minilm_dir, sentiment_files,
+                         LAYOUTS, "--memory", "--eval_layouts=e1:jit:1",
+                         "--eval_layouts=e8:jit:8:data=8")
+
+
+@pytest.fixture(scope="module")
+def method_layout_runs(tmp_path_factory, minilm_dir, sentiment_files):
+  return _layout_results(tmp_path_factory.mktemp("method_layouts"), minilm_dir,
+                         sentiment_files, METHOD_LAYOUTS)
 
 
 def test_every_layout_logs_the_same_losses(layout_runs):
@@ -70,13 +83,15 @@ def test_jit_and_pmap_compile_every_train_shape_before_the_first_step(layout_run
     assert len(set(first_epoch)) == 1 and len(set(after)) == 1, (name, run["compiles"])
 
 
-def test_distillation_trains_the_same_under_every_parallel_mode(layout_runs):
+@pytest.mark.slow  # 90 s with the contrastive layouts: the default run stays under 15 minutes
+def test_distillation_trains_the_same_under_every_parallel_mode(method_layout_runs):
   """The teacher's parameters take the student's mesh and rules: a sharded or pmapped teacher
   gives one device's distillation losses (logits and hidden states matched)."""
-  reference = layout_runs["distill_one"]["losses"]
-  assert _max_relative_difference(reference, layout_runs["one"]["losses"]) > 1e-3
+  runs = method_layout_runs
+  reference = runs["distill_one"]["losses"]
+  assert _max_relative_difference(reference, runs["one"]["losses"]) > 1e-3
   for name in ("distill_fsdp_tp", "distill_pmap"):
-    assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
+    assert _max_relative_difference(reference, runs[name]["losses"]) < 1e-4, name
 
 
 def test_packed_batches_train_the_same_under_every_parallel_mode(layout_runs):
@@ -90,15 +105,17 @@ def test_packed_batches_train_the_same_under_every_parallel_mode(layout_runs):
     assert abs(layout_runs[name]["accuracy"] - layout_runs["packed_one"]["accuracy"]) <= 1e-3
 
 
-def test_contrastive_pairs_train_the_same_under_every_parallel_mode(layout_runs):
+@pytest.mark.slow  # shares the method layouts' runs with the test above
+def test_contrastive_pairs_train_the_same_under_every_parallel_mode(method_layout_runs):
   """Packed sentence pairs split whole over devices and pmap's shards: one device's pair
   losses, and the same fitted head's accuracy."""
-  reference = layout_runs["contrastive_one"]["losses"]
-  assert _max_relative_difference(reference, layout_runs["packed_one"]["losses"]) > 1e-2
+  runs = method_layout_runs
+  reference = runs["contrastive_one"]["losses"]
+  assert _max_relative_difference(reference, runs["packed_one"]["losses"]) > 1e-2
   for name in ("contrastive_dp2fsdp4", "contrastive_pmap8"):
-    assert _max_relative_difference(reference, layout_runs[name]["losses"]) < 1e-4, name
-    assert layout_runs[name]["batch_shapes"] == 1
-    assert abs(layout_runs[name]["accuracy"] - layout_runs["contrastive_one"]["accuracy"]) <= 2e-3
+    assert _max_relative_difference(reference, runs[name]["losses"]) < 1e-4, name
+    assert runs[name]["batch_shapes"] == 1
+    assert abs(runs[name]["accuracy"] - runs["contrastive_one"]["accuracy"]) <= 2e-3
 
 
 def test_lora_trains_the_same_under_every_parallel_mode(layout_runs):
