@@ -92,12 +92,36 @@ def setfit_runs(jobs: list[dict], files: dict, config) -> tuple[list[dict], floa
                                                             "TOKENIZERS_PARALLELISM": "false"})
   if out.returncode != 0:
     raise RuntimeError(f"setfit_baseline.py exited {out.returncode}:\n{out.stderr[-3000:]}")
-  lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  marker = "setfit_baseline: "
+  lines = [json.loads(line[len(marker):]) for line in out.stdout.splitlines()
+           if line.startswith(marker)]
   return lines[:-1], lines[-1]["process_seconds"]
 
 
 def _mean_std(values) -> dict:
   return {"mean": float(np.mean(values)), "std": float(np.std(values)), "runs": list(values)}
+
+
+def few_shot_rows(train_file: str, k: int, seed: int) -> list[int]:
+  """The rows a run with data.examples_per_class=k, data.few_shot_seed=seed trains on."""
+  import csv
+  with open(train_file, encoding="utf-8", newline="") as f:
+    labels = np.array([int(r["label"]) for r in csv.DictReader(f, delimiter="\t",
+                                                                quoting=csv.QUOTE_NONE)])
+  return fewshot.sample_per_class(labels, k, seed, ("negative", "positive"), train_file).tolist()
+
+
+def setfit_accuracy(files: dict, ks: list[int], seeds: int) -> dict:
+  """The setfit library alone on the subsets jaxft's runs would draw."""
+  jobs = [{"name": f"{k}/{s}", "seed": s, "rows": few_shot_rows(files["train"], k, s)}
+          for k in ks for s in range(seeds)]
+  runs, _ = setfit_runs(jobs, files, load_config_file(FEWSHOT_CONFIG))
+  out = {}
+  for k in ks:
+    mine = [r for r in runs if r["name"].startswith(f"{k}/")]
+    out[k] = {**_mean_std([r["accuracy"] for r in mine]),
+              "seconds": float(np.mean([r["seconds"] for r in mine]))}
+  return out
 
 
 def accuracy_suite(files: dict, ks: list[int], seeds: int, with_setfit: bool) -> dict:
@@ -177,10 +201,16 @@ def main(argv) -> None:
   F = flags.FLAGS
   files = {"train": F.train_file, "validation": F.validation_file}
   ks = [int(k) for k in F.ks]
-  result = {"accuracy": accuracy_suite(files, ks, F.seeds, F.setfit)}
-  if F.wall:
-    result["wall"] = wall_time_suite(files, [k for k in (8, 64) if k in ks], F.setfit)
-  print(table(result))
+  wall_ks = [k for k in (8, 64) if k in ks]
+  if F.only == "setfit":
+    result = {"setfit": setfit_accuracy(files, ks, F.seeds)}
+  elif F.only == "wall":
+    result = {"wall": wall_time_suite(files, wall_ks, F.setfit)}
+  else:
+    result = {"accuracy": accuracy_suite(files, ks, F.seeds, F.setfit)}
+    if F.wall:
+      result["wall"] = wall_time_suite(files, wall_ks, F.setfit)
+  print(json.dumps(result, indent=1) if F.only else table(result))
   if F.out:
     with open(F.out, "w") as f:
       json.dump(result, f, indent=2)
@@ -194,4 +224,6 @@ if __name__ == "__main__":
   flags.DEFINE_bool("setfit", False, "Also run the setfit library (torch and setfit needed).")
   flags.DEFINE_bool("wall", True, "Time process start to metrics for K=8 and K=64.")
   flags.DEFINE_string("out", None, "Write the results as JSON here.")
+  flags.DEFINE_enum("only", None, ["setfit", "wall"], "Run only the setfit library's accuracy "
+                    "runs, or only the wall-time runs.")
   app.run(main)

@@ -5,8 +5,8 @@ jaxft's contrastive method with, written as setfit's README writes it.
 
 JOBS.json: {"model_dir", "validation_file", "text_field", "label_field", "batch_size",
 "num_epochs", "num_iterations", "body_learning_rate", "max_length", "jobs": [{"name", "seed",
-"rows": [row indices of the training file], "train_file"}]}. Prints one JSON line per job:
-{"name", "accuracy", "seconds"} (seconds: training and evaluation, after the imports and the
+"rows": [row indices of the training file], "train_file"}]}. Prints one line per job,
+RESULT + {"name", "accuracy", "seconds"} as JSON (seconds: training and evaluation, after the imports and the
 data reading), and the seconds since the process started on the last line.
 """
 
@@ -21,6 +21,9 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+
+
+RESULT = "setfit_baseline: "  # marks this script's lines among the library's own prints
 
 
 def read_tsv(path: str, text_field: str, label_field: str) -> tuple[list[str], list[int]]:
@@ -63,9 +66,9 @@ def main(path: str) -> None:
                       metric=accuracy_of)  # a function: "accuracy" would be fetched from the hub
     trainer.train()
     accuracy = trainer.evaluate()["accuracy"]
-    print(json.dumps({"name": job["name"], "accuracy": accuracy,
-                      "seconds": time.perf_counter() - began}), flush=True)
-  print(json.dumps({"process_seconds": time.perf_counter() - START}), flush=True)
+    print(RESULT + json.dumps({"name": job["name"], "accuracy": accuracy,
+                               "seconds": time.perf_counter() - began}), flush=True)
+  print(RESULT + json.dumps({"process_seconds": time.perf_counter() - START}), flush=True)
 
 
 if __name__ == "__main__":
