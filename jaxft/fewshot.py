@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -100,6 +101,7 @@ class PairSteps:
                                                  t.contrastive.num_iterations)
     self.batch_size, self.seed, self.groups = t.batch_size, seed, groups
     self.lengths = data.lengths
+    self.pair_lengths = self.lengths[self.pairs[:, 0]] + self.lengths[self.pairs[:, 1]]
     epochs = (-(-t.num_train_steps // self.steps_per_epoch) if t.num_train_steps
               else int(np.ceil(t.num_epochs)))
     self.shape = self._fitted_shape(epochs) if packed else None
@@ -117,11 +119,14 @@ class PairSteps:
   def locate(self, step: int) -> tuple[int, int]:
     return divmod(step, self.steps_per_epoch)
 
+  @functools.lru_cache(maxsize=2)
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
+
   def step(self, step: int) -> np.ndarray:
     """Indices into `pairs` of step `step`'s pairs."""
     epoch, index = self.locate(step)
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-    return order[index * self.batch_size:(index + 1) * self.batch_size]
+    return self._epoch_order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
 
   def _placement(self, chosen: np.ndarray, length: int) -> tuple[list, np.ndarray]:
     """(per group, rows of example indices; the pairs in slot order). A group's pairs are
@@ -129,10 +134,9 @@ class PairSteps:
     rows, so a step's pairs change order (their loss is a sum: the order does not matter)."""
     placement, order = [], []
     for part in packing.split_groups(chosen, self.groups):
-      need = self.lengths[self.pairs[part, 0]] + self.lengths[self.pairs[part, 1]]
       rows, free = [], []
-      for p in part[np.argsort(-need, kind="stable")]:
-        n = int(self.lengths[self.pairs[p, 0]] + self.lengths[self.pairs[p, 1]])
+      for p in part[np.argsort(-self.pair_lengths[part], kind="stable")]:
+        n = int(self.pair_lengths[p])
         at = next((r for r, room in enumerate(free) if room >= n), None)
         if at is None:
           rows.append([])
@@ -147,8 +151,7 @@ class PairSteps:
   def _fitted_shape(self, epochs: int) -> packing.Shape:
     """Rows half as long again as the longest pair (so that short pairs fill them well), as
     many as the run's fullest step needs."""
-    pair_lengths = self.lengths[self.pairs[:, 0]] + self.lengths[self.pairs[:, 1]]
-    length = packing.round_up(int(pair_lengths.max()) * 3 // 2, 8)
+    length = packing.round_up(int(self.pair_lengths.max()) * 3 // 2, 8)
     rows = max(len(group) for s in range(epochs * self.steps_per_epoch)
                for group in self._placement(self.step(s), length)[0])
     slots = packing.round_up(2 * self.batch_size, 2 * self.groups)

@@ -357,7 +357,8 @@ def train_and_evaluate(config, workdir: str, devices=None, platform: Optional[st
     state = optim.set_run_values(state, optim.run_values(t, num_steps))
   else:
     state = exp.init_state(tx)
-    if config.data.label_descriptions is not None:
+    # (a contrastive run fits its head where it evaluates: no need to start one)
+    if config.data.label_descriptions is not None and not contrastive:
       state = {**state, "params": fewshot.with_description_head(exp, state["params"])}
   start = int(jax.device_get(state["step"]))
   _write_run_files(workdir, config, exp, fingerprint, num_steps)
