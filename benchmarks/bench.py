@@ -20,8 +20,8 @@ Speed (one command, one run; ratios against baselines measured in the same run):
    count and time, padding fraction, input-wait fraction and peak host memory (max RSS).
 It prints markdown tables and writes all numbers as JSON (`--out`). Run it on a quiet machine.
 
-PEFT (`--suite=peft`): train-step time and checkpoint size of LoRA, BitFit and head-only
-training against full fine-tuning at `--batch` x `--length`.
+PEFT (`--suite=peft`): train-step time and checkpoint size of every PEFT method (METHODS)
+against full fine-tuning at `--batch` x `--length` (virtual tokens included in the length).
 
 Packing (`--suite=packing`, SST-2 files required): the useful (real) tokens per second of the
 train step packed by a fixed token budget against today's bucketed step, on the same SST-2
@@ -74,10 +74,10 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 import baselines  # noqa: E402 - beside this file
-from jaxft import compiled, experiment, models, runtime  # noqa: E402
+from jaxft import compiled, config as config_lib, experiment, models, runtime  # noqa: E402
 from jaxft.checkpoint import Checkpoints  # noqa: E402
 from jaxft.config import base_config  # noqa: E402
-from jaxft.data.encode import Encoded  # noqa: E402
+from jaxft.data.encode import Encoded, with_virtual_tokens  # noqa: E402
 from jaxft.errors import fail  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,6 +86,14 @@ CONFIGS_DIR = os.path.join(os.path.dirname(HERE), "configs")
 
 METHODS = (("full", {"peft.method": "none"}),
            ("lora r8 q,v", {"peft.method": "lora"}),
+           ("lora r8 all-linear", {"peft.method": "lora", "peft.lora.targets": "all-linear"}),
+           ("dora r8 all-linear", {"peft.method": "lora", "peft.lora.targets": "all-linear",
+                                   "peft.lora.use_dora": True}),
+           ("ia3", {"peft.method": "ia3"}),
+           ("adapter houlsby", {"peft.method": "adapter"}),
+           ("adapter pfeiffer", {"peft.method": "adapter", "peft.adapter.kind": "pfeiffer"}),
+           ("prompt 20", {"peft.method": "prompt"}),
+           ("prefix 20", {"peft.method": "prefix"}),
            ("bitfit", {"peft.method": "bitfit"}),
            ("head only", {"peft.method": "freeze"}))
 
@@ -98,11 +106,8 @@ def _config(overrides: dict, batch: int, length: int):
   c.data.bucket_lengths = (length,)
   c.train.batch_size = batch
   c.checkpoint.async_save = False
-  for key, value in overrides.items():
-    section, name = key.split(".")
-    c[section][name] = value
   c.lock()
-  return c
+  return config_lib.replace(c, overrides)
 
 
 def _synthetic(batch: int, length: int) -> Encoded:
@@ -177,7 +182,9 @@ def jaxft_step(batch: int, length: int, overrides: Optional[dict] = None,
   tx, learning_rate = exp.optimizer(total_steps)
   train_step = compiled.train_step(exp, tx, learning_rate, exp.abstract_state(tx))
   state = [train_step.place(exp.init_state(tx))]
-  data = _synthetic(batch, length)
+  # Prompt and prefix tuning's virtual tokens take their places within the length.
+  count, before = config_lib.virtual_tokens(config.peft)
+  data = with_virtual_tokens(_synthetic(batch, length - count), count, before)
   device_batch = train_step.device_batch(exp.host_batch(data, np.arange(batch), batch))
   frozen = exp.frozen()
 

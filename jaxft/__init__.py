@@ -9,7 +9,7 @@ Where things live:
   models.py      loading Hugging Face Flax models and tokenizers, heads, parameter counts
   attention.py   BERT-family self-attention, packed rows included (the JAX path; the CPU
                  kernel is in cpu/)
-  peft.py        the trainable/frozen split of the parameters, LoRA
+  peft.py        the trainable/frozen split of the parameters; the PEFT methods
   optim.py       the optax chain: schedule, AdamW, weight-decay mask, clipping; its run
                  values (learning rate, length, ...) live in its state, not in programs
   step.py        the pure train_step / eval_step

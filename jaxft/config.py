@@ -48,7 +48,10 @@ COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 ACCELERATORS = ("gpu", "tpu")  # JAX platform names whose defaults differ from the CPU's
 DROPOUT_RNGS = ("hash", "threefry")  # jaxft.hash_rng
 TRAIN_METHODS = ("supervised", "contrastive", "zero_shot")
-PEFT_METHODS = ("none", "lora", "bitfit", "freeze")
+# peft.method: one of these, or several joined by "+" (e.g. "lora+bitfit"); jaxft.peft.
+PEFT_METHODS = ("none", "lora", "bitfit", "freeze", "ia3", "prompt", "prefix", "adapter")
+ADAPTER_KINDS = ("houlsby", "pfeiffer")
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "swish", "tanh")
 PARALLEL_MODES = ("jit", "pmap")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -58,6 +61,10 @@ MESH_AXES = ("data", "fsdp", "tensor")
 DEFAULT_HEAD_PATTERN = (r"(classifier|pre_classifier|cls|lm_head|vocab_transform|"
                         r"vocab_layer_norm|vocab_projector)/.*")
 DEFAULT_LORA_TARGETS = r".*attention/self/(query|value)/kernel"
+# IA3 as Hugging Face PEFT places it in BERT-family models: keys and values scaled at their
+# output, both "output/dense" projections (attention output and feed-forward) at their input.
+DEFAULT_IA3_TARGETS = r".*(attention/self/(key|value)|output/dense)/kernel"
+DEFAULT_IA3_FEEDFORWARD = r".*output/dense/kernel"
 LORA_ALL_LINEAR = "all-linear"
 
 # parallel.param_rules: (regex over parameter paths, one mesh axis or None per dimension); a
@@ -250,7 +257,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.layer_lr_decay = 1.0
 
   c.peft = ml_collections.ConfigDict()
-  c.peft.method = "none"  # none | lora | bitfit | freeze (PEFT_METHODS)
+  # none | lora | bitfit | freeze | ia3 | prompt | prefix | adapter, or a "+" of several
+  c.peft.method = "none"
   # First-match (regex over parameter paths, trainable?) rules, checked before the method's own.
   c.peft.trainable_rules = ()
   c.peft.train_head = True
@@ -262,6 +270,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.peft.lora.use_rslora = False  # scale alpha / sqrt(rank) instead of alpha / rank
   # Regex over kernel paths, or "all-linear" (every Dense kernel but the head).
   c.peft.lora.targets = DEFAULT_LORA_TARGETS
+  c.peft.lora.use_dora = False  # DoRA: a learned magnitude per output column
+  c.peft.ia3 = ml_collections.ConfigDict()
+  c.peft.ia3.targets = DEFAULT_IA3_TARGETS  # regex over kernel paths
+  c.peft.ia3.feedforward = DEFAULT_IA3_FEEDFORWARD  # of those, scaled at the input
+  # Prompt tuning: learned input embeddings before every example's tokens (they count towards
+  # data.max_seq_length); from the embeddings of init_text's tokens, or of random vocabulary.
+  c.peft.prompt = ml_collections.ConfigDict()
+  c.peft.prompt.num_virtual_tokens = 20
+  c.peft.prompt.init_text = ""
+  # Prefix tuning (P-tuning v2): learned keys and values in every layer's attention.
+  c.peft.prefix = ml_collections.ConfigDict()
+  c.peft.prefix.num_virtual_tokens = 20
+  c.peft.prefix.projection_dim = 0  # > 0: reparameterised through an MLP of this width
+  c.peft.adapter = ml_collections.ConfigDict()
+  c.peft.adapter.kind = "houlsby"  # houlsby: after attention and feed-forward; pfeiffer: after FFN
+  c.peft.adapter.reduction_factor = 16  # bottleneck width = hidden size / reduction_factor
+  c.peft.adapter.activation = "relu"
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.save_every = 0  # steps between saves; 0 = at every evaluation (and at the end)
@@ -385,7 +410,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _check(all(isinstance(i, int) and i >= 0 for i in keep) and len(set(keep)) == len(keep),
          f"config model.keep_layers={keep} must list distinct layer indices >= 0, e.g. (0, 2, 4)")
 
-  _one_of("peft.method", c.peft.method, PEFT_METHODS)
+  _validate_peft(c)
   _positive("peft.lora.rank", c.peft.lora.rank)
   _positive("peft.lora.alpha", c.peft.lora.alpha)
   _check(0.0 <= c.peft.lora.dropout < 1.0, "config peft.lora.dropout must be in [0, 1)")
@@ -425,6 +450,58 @@ def validate(c: ml_collections.ConfigDict) -> None:
       _check(axis is None or axis in MESH_AXES,
              f"config parallel.param_rules pattern {rule[0]!r} names axis {axis!r}; use one of "
              f"{list(MESH_AXES)} or None")
+
+
+def peft_methods(method: str) -> frozenset:
+  """The methods of peft.method: "lora+bitfit" -> {"lora", "bitfit"}; "none" -> {}."""
+  return frozenset(m.strip() for m in str(method).split("+")) - {"none"}
+
+
+def virtual_tokens(peft) -> tuple[int, bool]:
+  """(count, before the text?): the positions prompt tuning (before) or prefix tuning (after,
+  where only their keys and values matter) adds to every example; (0, False) for others."""
+  methods = peft_methods(peft.method)
+  if "prompt" in methods:
+    return int(peft.prompt.num_virtual_tokens), True
+  if "prefix" in methods:
+    return int(peft.prefix.num_virtual_tokens), False
+  return 0, False
+
+
+def _validate_peft(c: ml_collections.ConfigDict) -> None:
+  p = c.peft
+  names = [m.strip() for m in str(p.method).split("+")]
+  for name in names:
+    _one_of("peft.method", name, PEFT_METHODS)
+  methods = peft_methods(p.method)
+  _check(len(names) == 1 or "none" not in names, f"config peft.method={p.method!r}: 'none' "
+         "trains everything and joins nothing; drop it")
+  _check(not {"prompt", "prefix"} <= methods, f"config peft.method={p.method!r}: prompt and "
+         "prefix tuning both add virtual tokens; pick one")
+  _positive("peft.lora.rank", p.lora.rank)
+  _positive("peft.lora.alpha", p.lora.alpha)
+  _check(0.0 <= p.lora.dropout < 1.0, "config peft.lora.dropout must be in [0, 1)")
+  for key in ("ia3.targets", "ia3.feedforward"):
+    _check_regex(f"peft.{key}", p.ia3[key.split(".")[1]])
+  _positive("peft.prompt.num_virtual_tokens", p.prompt.num_virtual_tokens)
+  _positive("peft.prefix.num_virtual_tokens", p.prefix.num_virtual_tokens)
+  _non_negative("peft.prefix.projection_dim", p.prefix.projection_dim)
+  _one_of("peft.adapter.kind", p.adapter.kind, ADAPTER_KINDS)
+  _positive("peft.adapter.reduction_factor", p.adapter.reduction_factor)
+  _one_of("peft.adapter.activation", p.adapter.activation, ADAPTER_ACTIVATIONS)
+  count, _ = virtual_tokens(p)
+  if count:
+    what = f"peft.method={p.method}"
+    _check(count < c.data.max_seq_length, f"config {what} adds {count} virtual tokens, which "
+           f"leave no room in data.max_seq_length={c.data.max_seq_length}: raise it or lower "
+           "num_virtual_tokens")
+    _check(c.task.kind != "mlm", f"config {what} adapts to a task; masked-LM adaptation "
+           "predicts the text's own tokens: use peft.method=lora")
+    _check(c.train.method == "supervised" and c.data.label_descriptions is None,
+           f"config {what} cannot embed label descriptions or pairs (train.method="
+           f"{c.train.method}): use peft.method=lora")
+    _check(not c.train.distill.teacher, f"config {what} cannot distil (the teacher reads "
+           "the same batches): use peft.method=lora")
 
 
 def _validate_few_shot(c: ml_collections.ConfigDict) -> None:

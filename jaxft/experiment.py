@@ -233,13 +233,11 @@ def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool 
   _check_model_fits(config, tokenizer, model)
   trainable, frozen = peft.split_params(model.params, peft.trainable_rules(config.peft),
                                         config.peft.method)
-  logits, embeddings = model.logits, model.embeddings
-  if config.peft.method == "lora":
-    lora = peft.init_lora(frozen, config.peft.lora, config.peft.head_pattern, config.seed)
-    trainable = {**trainable, peft.LORA_KEY: lora}
-    scale, rate = peft.lora_scale(config.peft.lora), config.peft.lora.dropout
-    logits = peft.with_lora(model.logits, scale, rate)
-    embeddings = peft.with_lora(model.embeddings, scale, rate)
+  trainable = {**trainable, **peft.init_methods(frozen, config.peft, model.hf_config, tokenizer,
+                                                 config.seed)}
+  applied = peft.settings(config.peft, model.base_prefix)
+  logits = peft.with_methods(model.logits, applied)
+  embeddings = peft.with_methods(model.embeddings, applied)
   parallel.check_batch_size("train.batch_size", config.train.batch_size //
                             config.train.grad_accum_steps, mesh)
   parallel.check_batch_size("train.eval_batch_size", config.train.eval_batch_size, mesh)

@@ -4,12 +4,14 @@ r"""Export a checkpoint:
   hf    a merged, standalone Hugging Face model folder: config.json (with id2label), tokenizer,
         flax_model.msgpack (Flax) and model.safetensors in PyTorch layout, so that both
         FlaxAutoModelForSequenceClassification and AutoModelForSequenceClassification load it.
-        LoRA factors are folded into their kernels. A `model.pooling=mean` run exports its
+        LoRA, DoRA and IA3 are folded into the weights. A `model.pooling=mean` run exports its
         encoder as a base model (the mean-pooling head is not a transformers class) and the head
         as jaxft_head.safetensors.
-  peft  a LoRA adapter in the layout of the Hugging Face PEFT library: adapter_config.json and
-        adapter_model.safetensors (PyTorch names, lora_A (r, in), lora_B (out, r), the head in
-        modules_to_save), for `peft.PeftModel.from_pretrained(base, OUT)`.
+  peft  a LoRA (or DoRA), IA3, prompt- or prefix-tuning adapter in the layout of the Hugging
+        Face PEFT library: adapter_config.json and adapter_model.safetensors (PEFT's names, the
+        head in modules_to_save), for `peft.PeftModel.from_pretrained(base, OUT)`. Prompt,
+        prefix tuning and bottleneck adapters cannot be merged into a model: jaxft-evaluate and
+        jaxft-predict use their checkpoints directly.
   onnx  model.onnx (float32; with --quantize=int8 also model.int8.onnx), the tokenizer,
         config.json and jaxft's config, for jaxft.predict --model=OUT/model.onnx or any ONNX
         runtime; checked against jaxft's logits before the command ends (jaxft.onnx_export).
@@ -53,16 +55,13 @@ def to_pytorch_names(flat: dict) -> dict[str, np.ndarray]:
 
 
 def _full_params(exp, params: dict) -> dict:
-  """Frozen + trainable parameters with any LoRA factors merged in (host arrays)."""
+  """Frozen + trainable parameters with LoRA, DoRA and IA3 merged in (host arrays)."""
   params = jax.device_get(params)
-  lora = params.get(peft.LORA_KEY)
-  rest = {k: v for k, v in params.items() if k != peft.LORA_KEY}
+  methods = {k: params[k] for k in peft.METHOD_KEYS if params.get(k)}
+  rest = {k: v for k, v in params.items() if k not in peft.METHOD_KEYS}
   flat = traverse_util.flatten_dict(jax.device_get(exp.frozen_init))
   flat.update(traverse_util.flatten_dict(rest))
-  full = traverse_util.unflatten_dict(flat)
-  if lora:
-    full = peft.merge_lora(full, lora, peft.lora_scale(exp.config.peft.lora))
-  return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), full)
+  return peft.merge(traverse_util.unflatten_dict(flat), methods, peft.settings(exp.config.peft))
 
 
 def export_hf(exp, params: dict, output: str) -> None:
@@ -87,40 +86,128 @@ def export_hf(exp, params: dict, output: str) -> None:
     f.write(config_lib.to_json(exp.config))
 
 
-def export_peft(exp, params: dict, output: str, base_name: Optional[str]) -> None:
-  from safetensors.numpy import save_file
-  c = exp.config
-  if c.peft.method != "lora":
-    fail(f"--format=peft exports LoRA adapters; this run used peft.method={c.peft.method}. "
-         "Use --format=hf for a full model")
+_PEFT_FORMAT_METHODS = ("lora", "ia3", "prompt", "prefix")
+
+
+def _peft_method(c) -> str:
+  """The one method a --format=peft export writes; an error naming the way out otherwise."""
+  methods = config_lib.peft_methods(c.peft.method)
+  if len(methods) != 1 or next(iter(methods)) not in _PEFT_FORMAT_METHODS:
+    instead = (" Bottleneck adapters have no PEFT format for BERT-family models: jaxft-evaluate "
+               "and jaxft-predict use the checkpoint as it is." if "adapter" in methods else "")
+    fail(f"--format=peft writes one of {list(_PEFT_FORMAT_METHODS)} (LoRA with DoRA too) for "
+         f"the PEFT library; this run used peft.method={c.peft.method}.{instead} Use "
+         "--format=hf for a merged model where it can be merged")
   if c.model.pooling != "default":
     fail("--format=peft needs the Hugging Face head (model.pooling=default); this run used "
          f"model.pooling={c.model.pooling}: export it with --format=hf")
-  params = jax.device_get(params)
+  return next(iter(methods))
+
+
+def _pytorch_module(key: tuple) -> str:
+  return ".".join(str(k) for k in key)
+
+
+def _lora_tensors(lora: dict) -> tuple[dict, list]:
   tensors, targets = {}, set()
-  for key, value in traverse_util.flatten_dict(params[peft.LORA_KEY]).items():
-    module = ".".join(str(k) for k in key[:-1])
+  for key, value in traverse_util.flatten_dict(lora).items():
+    module, leaf = _pytorch_module(key[:-1]), key[-1]
     targets.add(str(key[-2]))
-    name = "lora_A" if key[-1] == "lora_a" else "lora_B"
+    value = np.asarray(value, np.float32)
+    if leaf == "magnitude":
+      tensors[f"base_model.model.{module}.lora_magnitude_vector"] = value
+      continue
+    name = "lora_A" if leaf == "lora_a" else "lora_B"
     # PEFT stores A as (r, in) and B as (out, r): the transposes of jaxft's [in, r] and [r, out].
-    tensors[f"base_model.model.{module}.{name}.weight"] = np.ascontiguousarray(
-        np.asarray(value, np.float32).T)
-  head = {k: v for k, v in params.items() if k != peft.LORA_KEY}
-  modules_to_save = sorted({str(k[0]) for k in traverse_util.flatten_dict(head)})
-  for name, value in to_pytorch_names(traverse_util.flatten_dict(head)).items():
-    tensors[f"base_model.model.{name}"] = value
+    tensors[f"base_model.model.{module}.{name}.weight"] = np.ascontiguousarray(value.T)
+  return tensors, sorted(targets)
+
+
+def _ia3_tensors(ia3: dict) -> tuple[dict, list, list]:
+  """PEFT's ia3_l: (out, 1) scaling outputs, (1, in) scaling inputs (feed-forward modules)."""
+  tensors, targets, feedforward = {}, [], []
+  for key, value in traverse_util.flatten_dict(ia3).items():
+    module = _pytorch_module(key[:-1])
+    value = np.asarray(value, np.float32)
+    targets.append(module)
+    if key[-1] == "input_scale":
+      feedforward.append(module)
+      value = value[None, :]
+    else:
+      value = value[:, None]
+    tensors[f"base_model.model.{module}.ia3_l"] = np.ascontiguousarray(value)
+  return tensors, sorted(targets), sorted(feedforward)
+
+
+def _prompt_learning_fields(hf_config, count: int) -> dict:
+  return {"num_virtual_tokens": count, "token_dim": int(hf_config.hidden_size),
+          "num_transformer_submodules": 1, "num_layers": int(hf_config.num_hidden_layers),
+          "num_attention_heads": int(hf_config.num_attention_heads)}
+
+
+def export_peft(exp, params: dict, output: str, base_name: Optional[str]) -> None:
+  """An adapter for `peft.PeftModel.from_pretrained(base, output)`: adapter_config.json and
+  adapter_model.safetensors under PEFT's names, the trained head in modules_to_save."""
+  from safetensors.numpy import save_file
+  c = exp.config
+  method = _peft_method(c)
+  params = jax.device_get(params)
+  head = {k: v for k, v in params.items() if k not in peft.METHOD_KEYS}
+  prompt_learning = method in ("prompt", "prefix")
+  # PEFT names a prompt-learning model's head base_model.X, the others' base_model.model.X.
+  head_prefix = "base_model." if prompt_learning else "base_model.model."
+  tensors = {head_prefix + name: value
+             for name, value in to_pytorch_names(traverse_util.flatten_dict(head)).items()}
+  base = exp.model.base_prefix
+  modules_to_save = sorted({str(k[0]) if k[0] != base else _pytorch_module(k[:-1])
+                            for k in traverse_util.flatten_dict(head)})
+  fields = {"task_type": _PEFT_TASK_TYPES.get(c.task.kind), "base_model_name_or_path": base_name,
+            "modules_to_save": modules_to_save, "inference_mode": True}
+  if method == "lora":
+    lora_tensors, targets = _lora_tensors(params[peft.LORA_KEY])
+    tensors.update(lora_tensors)
+    lora = c.peft.lora
+    fields.update({"peft_type": "LORA", "r": int(lora.rank), "lora_alpha": float(lora.alpha),
+                   "lora_dropout": float(lora.dropout), "use_rslora": bool(lora.use_rslora),
+                   "use_dora": bool(lora.use_dora), "target_modules": targets, "bias": "none",
+                   "fan_in_fan_out": False, "init_lora_weights": True})
+  elif method == "ia3":
+    ia3_tensors, targets, feedforward = _ia3_tensors(params[peft.IA3_KEY])
+    tensors.update(ia3_tensors)
+    fields.update({"peft_type": "IA3", "target_modules": targets,
+                   "feedforward_modules": feedforward, "fan_in_fan_out": False,
+                   "init_ia3_weights": True})
+  elif method == "prompt":
+    embeddings = np.asarray(params[peft.PROMPT_KEY]["embeddings"], np.float32)
+    tensors["prompt_embeddings"] = embeddings
+    fields.update({"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM",
+                   **_prompt_learning_fields(exp.model.hf_config, embeddings.shape[0])})
+  else:  # prefix: the MLP's output is what PEFT stores (its reparameterisation is dropped)
+    keys, values = (np.asarray(x, np.float32)
+                    for x in peft.prefix_keys_values(params[peft.PREFIX_KEY]))
+    count = keys.shape[1]
+    # [count, layers, key/value, width], flattened: PEFT's past_key_values layout.
+    tensors["prompt_embeddings"] = np.ascontiguousarray(
+        np.stack([keys, values], axis=1).transpose(2, 0, 1, 3).reshape(count, -1))
+    fields.update({"peft_type": "PREFIX_TUNING", "prefix_projection": False,
+                   "encoder_hidden_size": int(exp.model.hf_config.hidden_size),
+                   **_prompt_learning_fields(exp.model.hf_config, count)})
   save_file(tensors, os.path.join(output, "adapter_model.safetensors"),
             metadata={"format": "pt"})
-  lora = c.peft.lora
-  adapter_config = {
-      "peft_type": "LORA", "task_type": _PEFT_TASK_TYPES.get(c.task.kind), "base_model_name_or_path": base_name,
-      "r": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
-      "use_rslora": bool(lora.use_rslora), "target_modules": sorted(targets),
-      "modules_to_save": modules_to_save, "bias": "none", "fan_in_fan_out": False,
-      "inference_mode": True, "init_lora_weights": True,
-  }
   with open(os.path.join(output, "adapter_config.json"), "w") as f:
-    json.dump(adapter_config, f, indent=2)
+    json.dump(fields, f, indent=2)
+
+
+def _check_mergeable(c, fmt: str) -> None:
+  """hf and onnx exports fold the methods into the base weights; not every method folds."""
+  methods = config_lib.peft_methods(c.peft.method)
+  for key, why in peft.UNMERGEABLE.items():
+    if key in methods:
+      alternative = ("--format=peft (loadable by PEFT's PeftModel), or " if key in
+                     _PEFT_FORMAT_METHODS else "")
+      fail(f"--format={fmt} merges the method into the base model's weights, and {why} "
+           f"(peft.method={c.peft.method}): use {alternative}jaxft-evaluate and "
+           "jaxft-predict, which read the checkpoint as it is")
 
 
 def export(workdir: str, output: str, fmt: str, which: str = "best",
@@ -132,8 +219,13 @@ def export(workdir: str, output: str, fmt: str, which: str = "best",
   if quantize != "none" and fmt != "onnx":
     fail(f"--quantize={quantize} applies to --format=onnx only; drop it, or export with "
          "--format=onnx")
-  if fmt == "onnx":  # before the slow part: what cannot work is said at once
-    onnx_export.check_exportable(inference.load_run_config(workdir))
+  run_config = inference.load_run_config(workdir)  # what cannot work is said at once
+  if fmt in ("hf", "onnx"):
+    _check_mergeable(run_config, fmt)
+  if fmt == "peft":
+    _peft_method(run_config)
+  if fmt == "onnx":
+    onnx_export.check_exportable(run_config)
     onnx_export.require("--format=onnx", "torch", "onnx", "onnxscript", "onnxruntime")
   runtime.configure_jax()
   exp, step, params = inference.restore(workdir, which)

@@ -171,7 +171,7 @@ class Model:
     parameters = inspect.signature(type(self.hf_model).__call__).parameters
     if "token_type_ids" in parameters:
       inputs["token_type_ids"] = batch["token_type_ids"]
-    if packed:
+    if "position_ids" in batch:  # packed rows; prefix tuning (jaxft.peft) in any batch
       inputs["position_ids"] = batch["position_ids"] + self.position_offset
     return inputs
 
@@ -233,7 +233,9 @@ class Model:
                            dropout_rng=dropout_rng, train=train).last_hidden_state
     if packing.is_packed(batch):
       return _segment_means(hidden.astype(jnp.float32), batch)
-    mask = batch["attention_mask"][..., None].astype(jnp.float32)
+    # The text's tokens: not padding, nor prompt or prefix tuning's virtual tokens (ids < 0).
+    mask = ((batch["attention_mask"] > 0) & (batch["input_ids"] >= 0))[..., None].astype(
+        jnp.float32)
     return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
 
@@ -258,7 +260,8 @@ def _segment_means(hidden: jax.Array, batch: dict) -> jax.Array:
   """[slots, width]: the mean of each packed example's own token states."""
   rows, length, width = hidden.shape
   per_row = length + 1  # segment ids run 0 (padding) .. length
-  keys = (jnp.arange(rows)[:, None] * per_row + batch["segment_ids"]).reshape(-1)
+  segments = jnp.where(batch["input_ids"] < 0, 0, batch["segment_ids"])  # virtual: as padding
+  keys = (jnp.arange(rows)[:, None] * per_row + segments).reshape(-1)
   sums = jax.ops.segment_sum(hidden.reshape(-1, width), keys, num_segments=rows * per_row)
   counts = jax.ops.segment_sum(jnp.ones_like(keys, jnp.float32), keys,
                                num_segments=rows * per_row)

@@ -3,7 +3,8 @@
 AdamW is spelled out (scale_by_adam, decoupled weight decay, learning rate) so that both the
 weight decay and the learning rate can differ per parameter. Which parameters get what is decided
 by first-match (regex, value) rules over parameter paths (jaxft.rules):
-- weight decay: never on biases and LayerNorm (BERT's recipe), times `optimizer.weight_decay_rules`;
+- weight decay: never on biases, LayerNorm (BERT's recipe), IA3's and DoRA's scales; times
+  `optimizer.weight_decay_rules`;
 - learning rate: times `optimizer.lr_rules`, times layer-wise decay (`optimizer.layer_lr_decay`).
 """
 
@@ -21,6 +22,8 @@ from jaxft import rules as rules_lib
 NO_DECAY_RULES = (
     (r".*bias$", 0.0),
     (r".*(LayerNorm|layer_norm|layernorm|ln).*", 0.0),
+    # IA3's scales and DoRA's magnitudes start at the pretrained function, not at zero.
+    (r".*/(input_scale|output_scale|magnitude)$", 0.0),
 )
 _LAYER = re.compile(r"(?:^|/)(?:layer|layers|h|block)/(\d+)/")
 _EMBEDDINGS = re.compile(r"(?:^|/)embeddings/")

@@ -3,8 +3,9 @@
 Run as a script: it must set the CPU device count before JAX starts.
   python tests/parallel_losses.py --model=DIR --train=F --dev=F --out=OUT.json \
       --layout=one:jit:1 --layout=dp8:jit:8:data=8 --layout=pmap8:pmap:8:data=8 ...
-A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]; a NAME starting with "lora" trains LoRA, one
-starting with "packed" packs its batches (by tokens, in 8 groups whatever the mesh), one
+A layout is NAME:MODE:NUM_DEVICES[:axis=size,...]; a NAME starting with a PEFT method of
+PEFT_METHODS ("lora", "dora", "ia3", "adapter", "prompt", "prefix") trains it, one containing
+"packed" packs its batches (by tokens, in 8 groups whatever the mesh), one
 starting with "distill" trains a 1-layer student of the run of layout "one" (given first), one
 starting with "contrastive" SetFit's method on 16 examples per label. With --eval_layouts,
 each run's checkpoint is also evaluated on every layout given there (restore on another mesh).
@@ -24,6 +25,16 @@ import jax  # noqa: E402
 from jaxft import evaluate, parallel, train  # noqa: E402
 from jaxft.config import base_config, replace  # noqa: E402
 from jaxft.metrics import read_metrics  # noqa: E402
+
+
+# Layout name prefix -> the PEFT method's config keys (4 virtual tokens: the tiny model's
+# sentences are short).
+PEFT_METHODS = {"lora": {"peft.method": "lora"},
+                "dora": {"peft.method": "lora", "peft.lora.use_dora": True},
+                "ia3": {"peft.method": "ia3"},
+                "adapter": {"peft.method": "adapter"},
+                "prompt": {"peft.method": "prompt", "peft.prompt.num_virtual_tokens": 4},
+                "prefix": {"peft.method": "prefix", "peft.prefix.num_virtual_tokens": 4}}
 
 
 def parse_layout(text):
@@ -103,9 +114,9 @@ def main():
     name, mode, ndev, mesh = parse_layout(text)
     workdir = os.path.join(args.workdir, name)
     devices = jax.devices()[:ndev]
-    method = "lora" if name.startswith("lora") else "none"  # e.g. --layout=lora_fsdp:jit:8:...
-    config = tiny_config(args, mode, mesh, args.steps, method,
-                         name.startswith(("packed", "contrastive")))
+    config = tiny_config(args, mode, mesh, args.steps, "none",
+                         "packed" in name or name.startswith("contrastive"))
+    config = replace(config, PEFT_METHODS.get(name.split("_")[0].replace("packed", ""), {}))
     if name.startswith("distill"):  # logits and hidden states of the teacher, on this mesh
       config = replace(config, {"train.distill.teacher": os.path.join(args.workdir, "one"),
                                 "train.distill.hidden_weight": 0.5, "model.keep_layers": (1,)})

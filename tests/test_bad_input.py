@@ -155,6 +155,22 @@ CASES = [
      ["train.method=contrastive needs sentence embeddings", "model.pooling=mean"]),
     ("zero-shot without label descriptions", ["--config.train.method=zero_shot"],
      ["set data.label_descriptions"]),
+    ("unknown PEFT method in a combination", ["--config.peft.method=lora+adapters"],
+     ["peft.method='adapters'", "'adapter'"]),
+    ("prompt and prefix tuning together", ["--config.peft.method=prompt+prefix"],
+     ["prompt and prefix tuning both add virtual tokens; pick one"]),
+    ("virtual tokens filling the sequence", ["--config.peft.method=prompt",
+                                             "--config.peft.prompt.num_virtual_tokens=64"],
+     ["adds 64 virtual tokens", "data.max_seq_length=64"]),
+    ("prompt tuning with contrastive training", ["--config.peft.method=prefix",
+                                                 "--config.train.method=contrastive"],
+     ["cannot embed label descriptions or pairs", "use peft.method=lora"]),
+    ("adapter kind that does not exist", ["--config.peft.method=adapter",
+                                          "--config.peft.adapter.kind=lora"],
+     ["peft.adapter.kind='lora'", "houlsby"]),
+    ("IA3 targets matching nothing", ["--config.peft.method=ia3",
+                                      "--config.peft.ia3.targets=.*/qkv/kernel"],
+     ["peft.ia3.targets", "matches no"]),
 ]
 
 
@@ -216,7 +232,7 @@ def _peft_export_argv(trained, inputs):
 
 
 def test_peft_export_of_a_full_fine_tuning_run(trained, inputs, batch):
-  _assert_one_line(batch[tuple(_peft_export_argv(trained, inputs))], ["exports LoRA adapters"],
+  _assert_one_line(batch[tuple(_peft_export_argv(trained, inputs))], ["--format=peft writes one of", "peft.method=none"],
                    trained)
 
 

@@ -26,6 +26,13 @@ METHOD_LAYOUTS = ["one:jit:1", "packed_one:jit:1",
                   "distill_pmap:pmap:8:data=8", "contrastive_one:jit:1",
                   "contrastive_dp2fsdp4:jit:8:data=2,fsdp=4", "contrastive_pmap8:pmap:8:data=8"]
 
+# Every PEFT method on one device, FSDP + tensor parallel and pmap (`-m slow`); prefix tuning
+# packed too (its virtual tokens within each example's segment).
+PEFT_LAYOUTS = [f"{method}_{layout}" for method in ("dora", "ia3", "adapter", "prompt", "prefix")
+                for layout in ("one:jit:1", "fsdp_tp:jit:8:data=2,fsdp=2,tensor=2",
+                               "pmap:pmap:8:data=8")] + [
+                    "prefixpacked_one:jit:1", "prefixpacked_dp2fsdp4:jit:8:data=2,fsdp=4"]
+
 
 def _max_relative_difference(a, b):
   a, b = np.asarray(a), np.asarray(b)
@@ -304,3 +311,22 @@ def test_a_single_process_inside_a_multi_task_allocation_stays_alone(tmp_path):
   assert parallel.slurm_local_device_ids({"SLURM_STEP_TASKS_PER_NODE": "1"},
                                          device_dir=str(tmp_path)) == [0, 1]
   assert parallel.slurm_local_device_ids({}, device_dir=str(tmp_path / "none")) is None
+
+
+@pytest.fixture(scope="module")
+def peft_layout_runs(tmp_path_factory, minilm_dir, sentiment_files):
+  return _layout_results(tmp_path_factory.mktemp("peft_layouts"), minilm_dir, sentiment_files,
+                         ["one:jit:1", *PEFT_LAYOUTS])
+
+
+@pytest.mark.slow  # 17 runs
+def test_every_peft_method_trains_the_same_under_every_parallel_mode(peft_layout_runs):
+  runs = peft_layout_runs
+  for method in ("dora", "ia3", "adapter", "prompt", "prefix", "prefixpacked"):
+    reference = runs[f"{method}_one"]["losses"]
+    assert _max_relative_difference(reference, runs["one"]["losses"]) > 1e-3, method
+    others = ("dp2fsdp4",) if method == "prefixpacked" else ("fsdp_tp", "pmap")
+    for layout in others:
+      name = f"{method}_{layout}"
+      assert _max_relative_difference(reference, runs[name]["losses"]) < 1e-4, name
+      assert abs(runs[name]["accuracy"] - runs[f"{method}_one"]["accuracy"]) <= 1e-3, name

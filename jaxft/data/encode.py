@@ -184,7 +184,11 @@ def read_inputs(path: str, config, tokenizer, label_names: Sequence[str],
   classification). The format comes from `fmt`, else from the file's extension."""
   fmt = files.infer_format(path, fmt)
   if fmt == "text":
-    return _read_plain_inputs(path, config, tokenizer, label_names)
+    count, before = config_lib.virtual_tokens(config.peft)
+    shorter = config_lib.replace(config, {"data.max_seq_length":
+                                          config.data.max_seq_length - count})
+    return with_virtual_tokens(_read_plain_inputs(path, shorter, tokenizer, label_names),
+                               count, before)
   as_format = config_lib.replace(config, {"data.format": fmt})
   return read_split(path, as_format, tokenizer, label_names, None, labelled=False)[0]
 
@@ -230,12 +234,49 @@ def concatenate(first: Encoded, second: Encoded) -> Encoded:
                  joined(first.label_weights, second.label_weights), None, texts)
 
 
+def with_virtual_tokens(data: Encoded, count: int, before: bool) -> Encoded:
+  """Every example with `count` virtual token positions, ids -1, -2, ... (jaxft.peft: prompt
+  tuning puts them before the text, prefix tuning after it), token type 0, never scored."""
+  if not count:
+    return data
+  virtual = -np.arange(1, count + 1, dtype=np.int32)
+
+  def joined(arrays, filler):  # filler None: the virtual ids themselves
+    if arrays is None:
+      return None
+
+    def one(x):
+      extra = virtual if filler is None else np.full((count,), filler, x.dtype)
+      return np.concatenate([extra, x] if before else [x, extra])
+
+    return [one(x) for x in arrays]
+
+  per_token = isinstance(data.labels, list)  # token classification: a label per position
+  words = data.words
+  if words is not None:
+    words = dataclasses.replace(words, position_word=joined(words.position_word, -1))
+  return dataclasses.replace(
+      data, input_ids=joined(data.input_ids, None), token_type_ids=joined(data.token_type_ids, 0),
+      labels=joined(data.labels, 0) if per_token else data.labels,
+      label_weights=joined(data.label_weights, 0.0), words=words)
+
+
 def read_split(path: str, config, tokenizer, label_names: Optional[Sequence[str]],
                max_rows: Optional[int], labelled: bool = True,
                subset: Optional[Callable] = None) -> tuple[Encoded, tuple[str, ...]]:
   """Reads, checks and tokenizes one split. Returns the examples and the label names used
   (inferred from this file when `label_names` is None). `labelled=False` reads inputs only.
-  `subset(labels, label_names)` (sequence tasks) picks the rows to keep."""
+  `subset(labels, label_names)` (sequence tasks) picks the rows to keep. Prompt and prefix
+  tuning's virtual tokens are added, within data.max_seq_length."""
+  count, before = config_lib.virtual_tokens(config.peft)
+  if count:
+    config = config_lib.replace(config, {"data.max_seq_length":
+                                         config.data.max_seq_length - count})
+  data, names = _read_split(path, config, tokenizer, label_names, max_rows, labelled, subset)
+  return with_virtual_tokens(data, count, before), names
+
+
+def _read_split(path, config, tokenizer, label_names, max_rows, labelled, subset):
   kind = config.task.kind
   if kind == "token_classification":
     return _read_tagged(path, config, tokenizer, label_names, max_rows, labelled)
