@@ -56,7 +56,7 @@ METHODS = {
 LEARNING_RATES = {
     "full": (1e-4,), "lora": (1e-3, 2e-3, 5e-4), "dora": (1e-3, 2e-3, 5e-4),
     "ia3": (1e-2, 5e-3, 3e-2), "adapter": (2e-3, 1e-3), "pfeiffer": (2e-3,),
-    "prompt": (3e-2,), "prefix": (1e-2,), "prefix_mlp": (1e-3,),
+    "prompt": (3e-2, 1e-2, 1e-1), "prefix": (1e-2, 3e-3, 3e-2), "prefix_mlp": (1e-3,),
 }
 
 FLAGS = flags.FLAGS
