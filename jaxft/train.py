@@ -39,6 +39,10 @@ from jaxft.metrics import MetricWriter, read_metrics, scalars
 _RESUME_KEYS = ("task.kind", "model.name_or_path", "model.pooling", "data.text_fields",
                 "data.label_field", "train.batch_size", "seed", "peft.method",
                 "peft.trainable_rules", "peft.lora.rank", "peft.lora.targets",
+                "peft.lora.use_dora", "peft.ia3.targets", "peft.ia3.feedforward",
+                "peft.adapter.kind", "peft.adapter.reduction_factor",
+                "peft.prompt.num_virtual_tokens", "peft.prefix.num_virtual_tokens",
+                "peft.prefix.projection_dim",
                 "data.packing", "data.packing_length", "data.packing_rows")
 
 

@@ -276,3 +276,12 @@ def test_peft_exports_load_in_pytorch_peft_with_jaxft_logits(tiny_config, tmp_pa
     with torch.no_grad():
       plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
       np.testing.assert_allclose(plain(**inputs).logits.numpy(), ours, atol=1e-4)
+
+
+def test_resuming_with_another_method_shape_is_refused(tiny_config, tmp_path):
+  workdir = str(tmp_path / "prompt")
+  _train(_set(tiny_config, train__num_train_steps=2), workdir, **METHODS["prompt"])
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(UserError, match="peft.prompt.num_virtual_tokens=4, not 6"):
+    _train(tiny_config, workdir, **{**METHODS["prompt"], "peft__prompt__num_virtual_tokens": 6})
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
