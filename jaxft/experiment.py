@@ -171,10 +171,23 @@ class Experiment:
     state, so runs that differ only in them share programs."""
     if compiled.cache_directory() is None:
       return None
-    shared = config_lib.replace(self.config, {key: None for key in optim.RUN_VALUE_KEYS})
+    shared = config_lib.replace(self.config, {key: None for key in optim.RUN_VALUE_KEYS +
+                                              loop_only_keys(self.config)})
     return compiled.experiment_key(shared, self.model_dir, kind,
                                    labels=list(self.label_names),
                                    attention=self.model.attention, **extra)
+
+
+def loop_only_keys(config) -> tuple[str, ...]:
+  """Config keys that only the training loop reads (logging, evaluation and checkpoint
+  intervals, file names): no traced program depends on them, so the program cache leaves them
+  out of its keys. Otherwise a run differing from the one that compiled only in, say,
+  train.log_every would find JAX's persistent cache (which jaxft does not copy from) and never
+  its own, and trace and lower its steps at every start."""
+  return (("train.log_every", "train.eval_every", "train.early_stopping_patience",
+           "data.train_file", "data.validation_file", "data.test_file",
+           "data.max_train_examples", "data.max_eval_examples")
+          + tuple(f"checkpoint.{key}" for key in config.checkpoint.keys()))
 
 
 def build(config, label_names: Optional[Sequence[str]] = None, read_train: bool = True,

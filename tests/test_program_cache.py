@@ -119,6 +119,21 @@ def test_runs_that_differ_in_run_values_share_programs_and_use_their_own_values(
   assert 0.5 * 3e-3 < peak <= 3e-3
 
 
+def test_loop_only_keys_share_programs_and_program_keys_do_not(tiny_config, cache_dir,
+                                                               sentiment_files):
+  from jaxft import config as config_lib
+  key = experiment.build(tiny_config).program_cache_key("train")
+  loop_only = config_lib.replace(tiny_config, {
+      "train.log_every": 5, "train.eval_every": 7, "checkpoint.keep_latest": 3,
+      "checkpoint.async_save": True, "data.validation_file": sentiment_files[0],
+      "data.max_train_examples": 190})
+  assert experiment.build(loop_only).program_cache_key("train") == key
+  for values in ({"model.attention": "hf"}, {"peft.method": "lora"},
+                 {"train.grad_accum_steps": 2}, {"data.max_seq_length": 32}):
+    other = config_lib.replace(tiny_config, values)
+    assert experiment.build(other).program_cache_key("train") != key, values
+
+
 def test_a_damaged_entry_is_compiled_again_and_replaced(tiny_config, cache_dir, capsys):
   exp = experiment.build(tiny_config)
   data = exp.load_split("validation")
