@@ -420,14 +420,16 @@ def merge(params: dict, methods: dict, s: Settings) -> dict:
       continue
     module = key[:-1]
     kernel = flat[key]
-    ia3 = _lookup(methods.get(IA3_KEY), module) or {}
-    if "input_scale" in ia3:
-      kernel = np.asarray(ia3["input_scale"])[:, None] * kernel
+    # In the order the interceptor applies them: IA3's input scale multiplies the input of
+    # both W and the LoRA branch; DoRA's norm is that of W + s A B alone.
     lora = _lookup(methods.get(LORA_KEY), module)
     if lora is not None:
       kernel = kernel + s.lora_scale * (np.asarray(lora["lora_a"]) @ np.asarray(lora["lora_b"]))
       if "magnitude" in lora:
         kernel = kernel * (np.asarray(lora["magnitude"]) / np.linalg.norm(kernel, axis=0))
+    ia3 = _lookup(methods.get(IA3_KEY), module) or {}
+    if "input_scale" in ia3:
+      kernel = np.asarray(ia3["input_scale"])[:, None] * kernel
     if "output_scale" in ia3:
       kernel = kernel * np.asarray(ia3["output_scale"])[None, :]
       if module + ("bias",) in flat:

@@ -158,6 +158,24 @@ def test_methods_compose_through_the_rules(tiny_config):
   assert set(exp.trainable_init) == {"prefix", "ia3", "classifier"}
 
 
+def test_merged_weights_give_the_unmerged_logits_when_methods_share_a_layer(tiny_config):
+  """DoRA on every linear layer with IA3 (whose input scales sit on the output/dense layers
+  DoRA also edits): folding both into the weights, as --format=hf does, changes no logit."""
+  exp = experiment.build(_set(tiny_config, peft__method="lora+ia3", peft__lora__use_dora=True,
+                              peft__lora__targets="all-linear"))
+  batch, _ = _batch(exp)
+  head = {"kernel": np.random.default_rng(0).standard_normal((32, 2)).astype(np.float32),
+          "bias": np.zeros((2,), np.float32)}
+  methods = {key: _perturbed(exp.trainable_init[key], seed=i)
+             for i, key in enumerate((peft.LORA_KEY, peft.IA3_KEY))}
+  want = _logits(exp, {**exp.trainable_init, **methods, "classifier": head}, batch)
+  full = combine({"classifier": head}, exp.frozen_init)
+  merged = peft.merge(full, methods, peft.settings(exp.config.peft))
+  plain = experiment.build(_set(tiny_config, peft__method="none"))
+  got = np.asarray(plain.logits(merged, batch, None, False))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["Bert", "Roberta", pytest.param("Electra",
                                                                     marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
