@@ -124,12 +124,17 @@ def time_method(overrides: dict, batch: int, length: int, steps: int) -> dict:
     ckpts = Checkpoints(workdir, exp.config.checkpoint)
     ckpts.save(1, savable(), {"step": 1})
     ckpts.close()
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(workdir)
-               for f in files)
+    size = folder_bytes(workdir)
   counts = exp.param_counts()
   return {"step_s": timed["step_s"], "step_s_all": timed["step_s_all"],
           "compile_s": timed["first_call_s"], "checkpoint_bytes": size,
           "trainable": counts["trainable"], "total": counts["total"]}
+
+
+def folder_bytes(folder: str) -> int:
+  """The size on disk of every file under `folder` (a checkpoint's)."""
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
+             for f in files)
 
 
 def peft_table(results: dict) -> str:

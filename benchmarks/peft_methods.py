@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+import bench  # noqa: E402 - beside this file: folder_bytes
 from jaxft import config as config_lib, export, inference, step, train
 from jaxft.data import batching
 from jaxft.config import load_config_file
@@ -82,10 +83,8 @@ def _config(method: str, lr: float, seed: int):
 def checkpoint_bytes(workdir: str) -> int:
   """The size of the newest checkpoint on disk (one step's folder)."""
   root = os.path.join(workdir, "checkpoints")
-  steps = [d for d in os.listdir(root) if d.isdigit()]
-  newest = os.path.join(root, max(steps, key=int))
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(newest)
-             for f in files)
+  newest = max((d for d in os.listdir(root) if d.isdigit()), key=int)
+  return bench.folder_bytes(os.path.join(root, newest))
 
 
 def run_one(method: str, lr: float, seed: int) -> dict:

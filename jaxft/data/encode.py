@@ -184,9 +184,7 @@ def read_inputs(path: str, config, tokenizer, label_names: Sequence[str],
   classification). The format comes from `fmt`, else from the file's extension."""
   fmt = files.infer_format(path, fmt)
   if fmt == "text":
-    count, before = config_lib.virtual_tokens(config.peft)
-    shorter = config_lib.replace(config, {"data.max_seq_length":
-                                          config.data.max_seq_length - count})
+    shorter, count, before = _room_for_virtual_tokens(config)
     return with_virtual_tokens(_read_plain_inputs(path, shorter, tokenizer, label_names),
                                count, before)
   as_format = config_lib.replace(config, {"data.format": fmt})
@@ -234,6 +232,16 @@ def concatenate(first: Encoded, second: Encoded) -> Encoded:
                  joined(first.label_weights, second.label_weights), None, texts)
 
 
+def _room_for_virtual_tokens(config):
+  """(config whose data.max_seq_length leaves room for the virtual tokens, their count, before
+  the text?): prompt and prefix tuning's tokens count towards the length."""
+  count, before = config_lib.virtual_tokens(config.peft)
+  if count:
+    config = config_lib.replace(config, {"data.max_seq_length":
+                                         config.data.max_seq_length - count})
+  return config, count, before
+
+
 def with_virtual_tokens(data: Encoded, count: int, before: bool) -> Encoded:
   """Every example with `count` virtual token positions, ids -1, -2, ... (jaxft.peft: prompt
   tuning puts them before the text, prefix tuning after it), token type 0, never scored."""
@@ -268,11 +276,8 @@ def read_split(path: str, config, tokenizer, label_names: Optional[Sequence[str]
   (inferred from this file when `label_names` is None). `labelled=False` reads inputs only.
   `subset(labels, label_names)` (sequence tasks) picks the rows to keep. Prompt and prefix
   tuning's virtual tokens are added, within data.max_seq_length."""
-  count, before = config_lib.virtual_tokens(config.peft)
-  if count:
-    config = config_lib.replace(config, {"data.max_seq_length":
-                                         config.data.max_seq_length - count})
-  data, names = _read_split(path, config, tokenizer, label_names, max_rows, labelled, subset)
+  shorter, count, before = _room_for_virtual_tokens(config)
+  data, names = _read_split(path, shorter, tokenizer, label_names, max_rows, labelled, subset)
   return with_virtual_tokens(data, count, before), names
 
 
