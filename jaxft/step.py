@@ -99,6 +99,7 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
   """
   if nonfinite_guard not in NONFINITE_GUARDS:
     raise ValueError(f"nonfinite_guard={nonfinite_guard!r}; use one of {NONFINITE_GUARDS}")
+  tx = optax.with_extra_args_support(tx)  # any optax transformation; ours read grad_norm
 
   def summed_loss(params, frozen, micro, rng, block):
     key = hash_rng.dropout_key(rng, dropout_rng, block)
@@ -149,14 +150,19 @@ def make_train_step(logits_fn: LogitsFn, loss_fn: LossFn, tx: optax.GradientTran
       loss, weight, grads, tokens, examples = jax.lax.psum(
           (loss, weight, grads, tokens, examples), reduce_axis)
     denom = jnp.maximum(weight, 1.0)
-    grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+    # The mean gradient is formed where it is read (the norm, the update), never stored: on the
+    # CPU a stored copy was one more pass over memory per parameter. A product, not a quotient,
+    # so that XLA repeats it in each reader rather than storing it.
+    scale = 1.0 / denom
+    mean = lambda grads: jax.tree_util.tree_map(lambda g: g * scale, grads)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were; the loop
     # then stops or skips (train.nonfinite).
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optax.tree.norm(mean(grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(grads, opt_state, params):
-      updates, opt_state = tx.update(grads, opt_state, params)
+      # The norm goes along for clipping (jaxft.optim.adamw), which need not compute it again.
+      updates, opt_state = tx.update(mean(grads), opt_state, params, grad_norm=grad_norm)
       return optax.apply_updates(params, updates), opt_state
 
     def keep(grads, opt_state, params):
