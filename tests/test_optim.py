@@ -1,5 +1,9 @@
-"""Weight-decay mask rules and the learning-rate schedule."""
+"""Weight-decay mask rules, the learning-rate schedule and the fused AdamW."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 from jaxft import optim
@@ -39,8 +43,6 @@ def test_constant_schedule_without_warmup():
 
 def _optax_adamw(values: dict, decay: dict, multipliers: dict, b1, b2, eps, schedule):
   """What `optim.adamw` fuses, as optax's own transformations chained."""
-  import jax
-  import optax
   scale = lambda factors: optax.GradientTransformation(
       lambda p: optim._Empty(),
       lambda u, s, p=None: (jax.tree_util.tree_map(lambda u, f: u * f, u, factors), s))
@@ -58,9 +60,6 @@ def _optax_adamw(values: dict, decay: dict, multipliers: dict, b1, b2, eps, sche
 def test_fused_adamw_equals_optax_chain(max_grad_norm):
   """Ten steps of `adamw` (decay and learning rate per parameter, clipping on and off) give
   optax's chained updates and moments, and its state has the chain's layout (checkpoints)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32),
             "b": jnp.asarray(rng.normal(size=4), jnp.float32)}
@@ -77,7 +76,7 @@ def test_fused_adamw_equals_optax_chain(max_grad_norm):
   for step in range(10):
     grads = jax.tree_util.tree_map(
         lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32) * 0.1, params)
-    norm = optax_norm(grads)
+    norm = optax.tree.norm(grads)
     clipped += norm > max_grad_norm
     u_ours, ours = fused.update(grads, ours, p_ours, grad_norm=norm if step % 2 else None)
     u_theirs, theirs = chain.update(grads, theirs, p_theirs)
@@ -88,11 +87,6 @@ def test_fused_adamw_equals_optax_chain(max_grad_norm):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-9)
   assert clipped == (10 if max_grad_norm < 1 else 0)  # both cases ran as meant
   assert float(jnp.abs(p_ours["w"] - params["w"]).max()) > 1e-6  # it moved
-
-
-def optax_norm(tree):
-  import optax
-  return optax.tree.norm(tree)
 
 
 class _TrainConfig:
